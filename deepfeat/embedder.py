@@ -1,0 +1,338 @@
+"""ImageEmbedder: the scikit-learn transformer that turns images into feature vectors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from numbers import Integral
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+
+from . import graph
+from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, describe, load_image, preprocess
+from .pooling import POOLINGS, pool, pooled_dim
+from .registry import DEFAULT_MODEL, file_sha256, resolve_model
+from .runtime import Runner
+
+__all__ = ["ImageEmbedder"]
+
+logger = logging.getLogger(__name__)
+
+#: bump when a change alters the vectors produced for the same image and settings
+FEATURE_VERSION = 1
+
+
+class ImageEmbedder(TransformerMixin, BaseEstimator):
+    """Embed images with a pretrained ONNX CNN truncated at intermediate layers.
+
+    Parameters
+    ----------
+    model : str or path-like, default="efficientnet_lite0"
+        A registered model name (see :func:`deepfeat.list_models`) or a path to
+        an ``.onnx`` file with an NCHW float input.
+    layers : str, list of str or None, default=None
+        Layer aliases (``"stage4"``, ``"features"``, ``"pooled"``, ...) or
+        tensor names (see :func:`deepfeat.list_layers`). Several layers are
+        pooled separately and concatenated. ``None`` uses the model's default
+        (the pooled penultimate vector for registered models).
+    pooling : {"avg", "max", "gem", "none"}, default="avg"
+        How feature maps become vectors; ``"none"`` flattens them. Vector
+        layers (``"pooled"``, ``"logits"``) are used as they are.
+    image_size : int or None, default=None
+        Square crop side fed to the network; ``None`` uses the model's own.
+        The resize before the crop scales with it.
+    batch_size : int, default=32
+        Images per ONNX Runtime call.
+    providers : "auto", str, list, default="auto"
+        ONNX Runtime execution providers, see :func:`deepfeat.runtime.resolve_providers`.
+    on_error : {"raise", "skip"}, default="raise"
+        What a bad input does: ``"raise"`` stops with an error naming the input
+        and the reason; ``"skip"`` gives a row of NaN (rows stay aligned with
+        the inputs) and records the input in ``failures_``.
+    progress : bool, default=True
+        Show a progress bar (only when stderr is a terminal).
+    n_jobs : int or None, default=None
+        Threads that decode and preprocess images while the network runs;
+        ``None`` uses up to 4, one per core.
+    max_pixels : int or None, default=178956970
+        Images with more pixels are refused (decompression-bomb guard).
+    preprocessing : dict or None, default=None
+        Overrides of the model's preprocessing (``input_size``,
+        ``resize_size``, ``mean``, ``std`` on the 0..255 scale,
+        ``interpolation``, ``layers``), required for unregistered models that
+        do not use ImageNet's torchvision preprocessing.
+
+    Attributes
+    ----------
+    spec_ : ModelSpec
+        The resolved model spec, preprocessing included.
+    model_path_ : pathlib.Path
+        The ``.onnx`` file used.
+    layers_ : list of (str, str)
+        ``(label, tensor name)`` of each requested layer.
+    n_features_out_ : int
+        Length of the output vectors.
+    providers_ : list of str
+        Execution providers the session really runs on.
+    failures_ : pandas.DataFrame
+        After ``transform`` with ``on_error="skip"``: the inputs that failed,
+        with their row position and the reason. Empty when all succeeded.
+
+    See Also
+    --------
+    deepfeat.list_layers : the layers a model can be cut at.
+    deepfeat.load_image_folder : a DataFrame of paths and labels from a folder.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_sample_images
+    >>> from deepfeat import ImageEmbedder
+    >>> photos = list(load_sample_images().images)  # two uint8 RGB photos
+    >>> emb = ImageEmbedder(layers=["stage3", "pooled"], progress=False)
+    >>> X = emb.fit_transform(photos)
+    >>> X.shape, X.dtype
+    ((2, 1320), dtype('float32'))
+    >>> emb.get_feature_names_out()[[0, -1]].tolist()
+    ['stage3_0000', 'pooled_1279']
+    """
+
+    _parameter_constraints: dict = {
+        "model": [str, os.PathLike],
+        "layers": [str, list, tuple, None],
+        "pooling": [StrOptions(set(POOLINGS))],
+        "image_size": [Interval(Integral, 8, None, closed="left"), None],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "providers": [str, list, tuple, None],
+        "on_error": [StrOptions({"raise", "skip"})],
+        "progress": ["boolean"],
+        "n_jobs": [Interval(Integral, 1, None, closed="left"), None],
+        "max_pixels": [Interval(Integral, 1, None, closed="left"), None],
+        "preprocessing": [dict, None],
+    }
+
+    def __init__(
+        self,
+        model: str | os.PathLike = DEFAULT_MODEL,
+        layers: str | list[str] | None = None,
+        pooling: str = "avg",
+        image_size: int | None = None,
+        batch_size: int = 32,
+        providers: Any = "auto",
+        on_error: str = "raise",
+        progress: bool = True,
+        n_jobs: int | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        preprocessing: dict | None = None,
+    ):
+        self.model = model
+        self.layers = layers
+        self.pooling = pooling
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.providers = providers
+        self.on_error = on_error
+        self.progress = progress
+        self.n_jobs = n_jobs
+        self.max_pixels = max_pixels
+        self.preprocessing = preprocessing
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X=None, y=None):
+        """Resolve the model, cut its graph at ``layers`` and open a session.
+
+        No image is read: the embedder is not trained. ``X`` and ``y`` are
+        accepted for Pipeline compatibility.
+        """
+        self._validate_params()
+        overrides = dict(self.preprocessing or {})
+        path, spec = resolve_model(self.model, **overrides)
+        if self.image_size is not None:
+            ratio = spec.resize_size / spec.input_size
+            spec = replace(spec, input_size=self.image_size, resize_size=round(self.image_size * ratio))
+        proto = graph.load_onnx(path)
+        self.layers_ = graph.resolve_layers(proto, self.layers or spec.default_layer, spec.layers)
+        self.spec_ = spec
+        self.model_path_ = Path(path)
+        self.model_sha256_ = spec.sha256 or file_sha256(path)
+        self._build_runner(proto)
+        probe = self._runner.run(np.zeros((1, 3, spec.input_size, spec.input_size), np.float32))
+        self.output_shapes_ = [tuple(p.shape[1:]) for p in probe]
+        self.output_dims_ = [pooled_dim(p.shape, self.pooling) for p in probe]
+        self.n_features_out_ = int(sum(self.output_dims_))
+        self.providers_ = self._runner.providers
+        self.failures_ = _empty_failures()
+        return self
+
+    def _build_runner(self, proto=None) -> Runner:
+        if proto is None:
+            proto = graph.load_onnx(self.model_path_)
+        cut = graph.truncate(proto, [t for _, t in self.layers_])
+        self._runner = Runner.from_model(cut.SerializeToString(), self.providers)
+        return self._runner
+
+    def _get_runner(self) -> Runner:
+        runner = getattr(self, "_runner", None)
+        return runner if runner is not None else self._build_runner()
+
+    # ------------------------------------------------------------ transform
+    def transform(self, X) -> np.ndarray:
+        """Embed images.
+
+        Parameters
+        ----------
+        X : list, ndarray, pandas Series or one-column DataFrame
+            Image paths (str or Path), PIL images, or ``uint8`` arrays; a 4-D
+            ``uint8`` array is a batch of ``(h, w, c)`` images.
+
+        Returns
+        -------
+        ndarray of shape (n_images, n_features_out_), float32
+        """
+        check_is_fitted(self, "layers_")
+        items = _as_items(X)
+        out = np.empty((len(items), self.n_features_out_), dtype=np.float32)
+        failures: list[tuple[int, str, str]] = []
+        for idx, batch in self._stream(items, failures):
+            feats = self._infer(batch)
+            out[idx] = feats
+        if failures:
+            out[[i for i, _, _ in failures]] = np.nan
+            logger.warning("%d of %d images failed and were given NaN rows", len(failures), len(items))
+        self.failures_ = pd.DataFrame(failures, columns=["position", "source", "reason"])
+        return out
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        outputs = self._get_runner().run(batch)
+        return np.concatenate([pool(o, self.pooling) for o in outputs], axis=1)
+
+    def _decode(self, item) -> np.ndarray:
+        s = self.spec_
+        img = load_image(item, max_pixels=self.max_pixels)
+        return preprocess(
+            img, input_size=s.input_size, resize_size=s.resize_size,
+            mean=s.mean, std=s.std, interpolation=s.interpolation,
+        )
+
+    def _decode_safe(self, item):
+        try:
+            return self._decode(item)
+        except ImageDecodeError as exc:
+            return exc
+
+    def _stream(self, items: list, failures: list) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(row positions, NCHW batch)``, decoding the next batch while
+        the caller runs the network on this one."""
+        n = len(items)
+        bs = self.batch_size
+        starts = range(0, n, bs)
+        workers = self.n_jobs or max(1, min(4, os.cpu_count() or 1))
+        bar = _progress(n, self.progress)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deepfeat-decode") as pool_:
+            def submit(start):
+                return [pool_.submit(self._decode_safe, items[i]) for i in range(start, min(start + bs, n))]
+
+            pending = submit(0) if n else []
+            for start in starts:
+                current = pending
+                nxt = start + bs
+                pending = submit(nxt) if nxt < n else []
+                arrays, positions = [], []
+                for offset, fut in enumerate(current):
+                    res = fut.result()
+                    pos = start + offset
+                    if isinstance(res, ImageDecodeError):
+                        if self.on_error == "raise":
+                            for f in pending:
+                                f.cancel()
+                            raise res
+                        logger.warning("skipping %s", res)
+                        failures.append((pos, res.source, res.reason))
+                        continue
+                    arrays.append(res)
+                    positions.append(pos)
+                if arrays:
+                    yield np.asarray(positions), np.stack(arrays)
+                if bar is not None:
+                    bar.update(len(current))
+        if bar is not None:
+            bar.close()
+
+    # --------------------------------------------------------- sklearn glue
+    def get_feature_names_out(self, input_features=None) -> np.ndarray:
+        """Names ``<layer>_<index>``, e.g. ``stage4_0017``, one per output column."""
+        check_is_fitted(self, "layers_")
+        names = []
+        for (label, _), dim in zip(self.layers_, self.output_dims_):
+            prefix = re.sub(r"[^0-9A-Za-z]+", "_", label).strip("_")
+            names += [f"{prefix}_{i:04d}" for i in range(dim)]
+        return np.asarray(names, dtype=object)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_runner", None)  # ORT sessions do not pickle; rebuilt on first use
+        return state
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.string = True
+        tags.requires_fit = True
+        return tags
+
+
+def _empty_failures() -> pd.DataFrame:
+    return pd.DataFrame(columns=["position", "source", "reason"])
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled or total == 0 or not sys.stderr.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", desc="embedding")
+
+
+def _as_items(X) -> list:
+    """Normalise the accepted input containers to a list of items."""
+    if isinstance(X, (str, os.PathLike)):
+        raise TypeError(
+            f"ImageEmbedder expects a collection of images, got the single path {os.fspath(X)!r}. "
+            "Wrap it in a list, or use deepfeat.load_image_folder(folder)['path'] for a folder."
+        )
+    if isinstance(X, pd.DataFrame):
+        if X.shape[1] == 1:
+            return list(X.iloc[:, 0])
+        if "path" in X.columns:
+            return list(X["path"])
+        raise ValueError(
+            f"A DataFrame given to ImageEmbedder needs one column or a 'path' column; got {list(X.columns)}. "
+            "Select the image column, e.g. ColumnTransformer([('img', ImageEmbedder(), ['path'])])."
+        )
+    if isinstance(X, pd.Series):
+        return list(X)
+    if isinstance(X, Image.Image):
+        return [X]
+    if isinstance(X, np.ndarray):
+        if X.dtype == np.uint8 and X.ndim == 4:
+            return list(X)
+        if X.dtype == np.uint8 and X.ndim in (2, 3):
+            raise ValueError(
+                f"Got one uint8 array of shape {X.shape}; pass a list of images, or a 4-D (n, h, w, c) batch."
+            )
+        if X.ndim == 2 and X.shape[1] == 1:
+            return list(X[:, 0])
+        if X.ndim == 1:
+            return list(X)
+        raise ValueError(f"Cannot read images from an array of shape {X.shape} and dtype {X.dtype}.")
+    return list(X)

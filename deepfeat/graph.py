@@ -1,0 +1,247 @@
+"""ONNX graph truncation: list the tensors a model exposes and cut it at them."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Mapping, Sequence
+
+import onnx
+import pandas as pd
+from onnx import shape_inference
+
+__all__ = ["list_layers", "truncate", "resolve_layers", "load_onnx"]
+
+_FEATURE_RANKS = (2, 4)
+
+
+class LayerError(ValueError):
+    """A requested layer is not in the model."""
+
+
+def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load and check an ONNX file, with an actionable error if it is not one."""
+    try:
+        model = onnx.load(os.fspath(path))
+        onnx.checker.check_model(model)
+    except Exception as exc:  # onnx raises several unrelated types here
+        raise ValueError(
+            f"{os.fspath(path)!r} is not a valid ONNX model ({type(exc).__name__}: {exc}). "
+            "Re-download or re-export it."
+        ) from exc
+    return model
+
+
+def _with_input_size(model: onnx.ModelProto, input_size: int | None) -> onnx.ModelProto:
+    """Shape-inferred copy with the spatial input dims fixed (batch stays symbolic)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    if input_size is not None:
+        dims = m.graph.input[0].type.tensor_type.shape.dim
+        if len(dims) == 4:
+            dims[2].ClearField("dim_param")
+            dims[2].dim_value = input_size
+            dims[3].ClearField("dim_param")
+            dims[3].dim_value = input_size
+    return shape_inference.infer_shapes(m)
+
+
+def tensor_shapes(model: onnx.ModelProto, input_size: int | None = None) -> dict[str, tuple]:
+    """Shapes of the rank-2 and rank-4 float tensors for one ``input_size`` image.
+
+    ONNX shape inference alone leaves spatial dims unknown behind ops such as
+    computed ``Pad``; running one zero image through ONNX Runtime with every
+    candidate tensor as an output gives exact shapes for any graph.
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    inferred = _with_input_size(model, input_size)
+    g = inferred.graph
+    ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in list(g.value_info) + list(g.output)}
+    floats = {vi.name for vi in list(g.value_info) + list(g.output) if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    candidates = [o for n in g.node for o in n.output if ranks.get(o) in _FEATURE_RANKS and o in floats]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in candidates)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    size = input_size or 224
+    x = np.zeros((1, 3, size, size), dtype=np.float32)
+    values = sess.run(candidates, {inp.name: x})
+    return {name: ("batch",) + tuple(v.shape[1:]) for name, v in zip(candidates, values)}
+
+
+def list_layers(
+    model: "str | os.PathLike | onnx.ModelProto" = "efficientnet_lite0",
+    *,
+    input_size: int | None = None,
+    aliases_only: bool = False,
+) -> pd.DataFrame:
+    """Candidate tensors to cut the model at.
+
+    Parameters
+    ----------
+    model : str, path or onnx.ModelProto
+        A registry name, an ``.onnx`` path, or a loaded model.
+    input_size : int, optional
+        Square input side used for the shapes (default: the model's own,
+        224 for unregistered files).
+    aliases_only : bool
+        Keep only the rows that have an alias (stages, features, pooled, logits).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``name`` (tensor), ``alias``, ``op_type``, ``shape`` (batch
+        first), ``channels``, ``reduction`` (input side / feature-map side), in
+        graph order.
+
+    Examples
+    --------
+    >>> from deepfeat import list_layers
+    >>> df = list_layers("efficientnet_lite0", aliases_only=True)
+    >>> df.set_index("alias").loc["pooled", "channels"]
+    1280
+    """
+    aliases: Mapping[str, str] = {}
+    if isinstance(model, onnx.ModelProto):
+        proto = model
+    else:
+        from .registry import resolve_model
+
+        path, spec = resolve_model(model)
+        proto = load_onnx(path)
+        aliases = spec.layers
+        input_size = input_size or spec.input_size
+    input_size = input_size or 224
+    by_tensor: dict[str, list[str]] = {}
+    for alias, tensor in aliases.items():
+        by_tensor.setdefault(tensor, []).append(alias)
+    shapes = tensor_shapes(proto, input_size)
+    rows = []
+    for node in proto.graph.node:
+        for out in node.output:
+            shape = shapes.get(out)
+            if shape is None or len(shape) not in _FEATURE_RANKS:
+                continue
+            names = by_tensor.get(out, [])
+            # prefer the stage-level alias when a tensor has several
+            names = sorted(names, key=lambda a: (a.startswith("block"), a))
+            spatial = shape[2] if len(shape) == 4 else None
+            rows.append(
+                {
+                    "name": out,
+                    "alias": names[0] if names else None,
+                    "op_type": node.op_type,
+                    "shape": shape,
+                    "channels": shape[1],
+                    "reduction": (input_size // spatial) if isinstance(spatial, int) and spatial else None,
+                }
+            )
+    df = pd.DataFrame(rows, columns=["name", "alias", "op_type", "shape", "channels", "reduction"])
+    df["reduction"] = df["reduction"].astype("Int64")
+    if aliases_only:
+        df = df[df["alias"].notna()].reset_index(drop=True)
+    return df
+
+
+def resolve_layers(
+    model: onnx.ModelProto, layers: "str | Sequence[str]", aliases: Mapping[str, str]
+) -> list[tuple[str, str]]:
+    """Map requested layers (aliases or tensor names) to ``(label, tensor)`` pairs.
+
+    The label is the alias when one was given, else the tensor name; it prefixes
+    feature names. The special alias ``"output"`` is the graph's first output.
+    """
+    requested = [layers] if isinstance(layers, str) else list(layers)
+    if not requested:
+        raise LayerError("At least one layer is needed; got an empty list.")
+    produced = {o for n in model.graph.node for o in n.output}
+    resolved = []
+    for layer in requested:
+        if layer in aliases:
+            tensor = aliases[layer]
+        elif layer == "output":
+            tensor = model.graph.output[0].name
+        else:
+            tensor = layer
+        if tensor not in produced:
+            valid = sorted(aliases, key=_alias_order) or ["output"]
+            raise LayerError(
+                f"Layer {layer!r} is not in the model. Valid aliases: {valid}; any tensor "
+                "name from deepfeat.list_layers(model) also works."
+            )
+        resolved.append((layer, tensor))
+    return resolved
+
+
+def _alias_order(alias: str):
+    # blockN sorts numerically after the named aliases
+    if alias.startswith("block") and alias[5:].isdigit():
+        return (1, int(alias[5:]), alias)
+    return (0, 0, alias)
+
+
+def truncate(model: onnx.ModelProto, outputs: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose outputs are exactly ``outputs``.
+
+    Every node that does not feed one of the outputs is removed, so a shallow
+    cut runs only the layers before it.
+
+    Examples
+    --------
+    >>> from onnx import helper, TensorProto
+    >>> n1 = helper.make_node("Relu", ["x"], ["a"])
+    >>> n2 = helper.make_node("Neg", ["a"], ["b"])
+    >>> g = helper.make_graph([n1, n2], "g",
+    ...     [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+    ...     [helper.make_tensor_value_info("b", TensorProto.FLOAT, [1])])
+    >>> cut = truncate(helper.make_model(g), ["a"])
+    >>> [n.op_type for n in cut.graph.node], [o.name for o in cut.graph.output]
+    (['Relu'], ['a'])
+    """
+    outputs = list(dict.fromkeys(outputs))
+    g = model.graph
+    producer = {}
+    for i, node in enumerate(g.node):
+        for o in node.output:
+            producer[o] = i
+    missing = [o for o in outputs if o not in producer and o not in {i.name for i in g.input}]
+    if missing:
+        raise LayerError(f"Tensors {missing} are not produced by any node of the graph.")
+    # walk back from the wanted outputs to find the nodes they need
+    keep: set[int] = set()
+    stack = [producer[o] for o in outputs if o in producer]
+    while stack:
+        i = stack.pop()
+        if i in keep:
+            continue
+        keep.add(i)
+        for name in g.node[i].input:
+            if name in producer and producer[name] not in keep:
+                stack.append(producer[name])
+    needed_inputs = {n for i in keep for n in g.node[i].input}
+    shapes = {vi.name: vi for vi in list(shape_inference.infer_shapes(model).graph.value_info) + list(g.output)}
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    og = out.graph
+    del og.node[:]
+    og.node.extend(g.node[i] for i in sorted(keep))
+    kept_inits = [t for t in g.initializer if t.name in needed_inputs]
+    del og.initializer[:]
+    og.initializer.extend(kept_inits)
+    del og.output[:]
+    for name in outputs:
+        if name in shapes:
+            og.output.append(shapes[name])
+        else:
+            og.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    kept_vi = [vi for vi in g.value_info if vi.name in needed_inputs]
+    del og.value_info[:]
+    og.value_info.extend(kept_vi)
+    return out
