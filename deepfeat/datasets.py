@@ -90,7 +90,7 @@ def make_sample_photos(
     --------
     >>> import tempfile
     >>> df = make_sample_photos(tempfile.mkdtemp(), per_class=2)
-    >>> df.groupby("label").size().min()
+    >>> int(df.groupby("label").size().min())
     2
     """
     from PIL import Image

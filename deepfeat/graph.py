@@ -104,7 +104,7 @@ def list_layers(
     --------
     >>> from deepfeat import list_layers
     >>> df = list_layers("efficientnet_lite0", aliases_only=True)
-    >>> df.set_index("alias").loc["pooled", "channels"]
+    >>> int(df.set_index("alias").loc["pooled", "channels"])
     1280
     """
     aliases: Mapping[str, str] = {}
