@@ -11,7 +11,16 @@ from typing import Any, Sequence, Union
 import numpy as np
 import onnxruntime as ort
 
-__all__ = ["resolve_providers", "create_session", "Runner", "ProviderFallbackWarning", "available_providers"]
+__all__ = [
+    "resolve_providers",
+    "create_session",
+    "cuda_provider",
+    "tensorrt_provider",
+    "Runner",
+    "ProviderFallbackWarning",
+    "ProviderError",
+    "available_providers",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +71,11 @@ def _normalise(providers: ProviderArg) -> list[tuple[str, dict]]:
         providers = [providers]
     out = []
     for p in providers:
-        name, opts = (p, {}) if isinstance(p, str) else (p[0], dict(p[1]))
-        if not isinstance(name, str):
+        if isinstance(p, str):
+            name, opts = p, {}
+        elif isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], dict):
+            name, opts = p[0], dict(p[1])
+        else:
             raise TypeError(f"Each provider must be a name or a (name, options) pair; got {p!r}.")
         out.append((_SHORT.get(name.lower(), name), opts))
     return out
@@ -78,6 +90,12 @@ def resolve_providers(providers: ProviderArg = "auto", *, strict: bool = False) 
         ``"auto"`` picks the best installed provider (CUDA, ROCm, OpenVINO,
         CoreML, DirectML, then CPU). Names may be ORT's
         (``"CUDAExecutionProvider"``) or short (``"cuda"``).
+        Options go with the name as ORT takes them, e.g.
+        ``("CUDAExecutionProvider", {"device_id": 1, "cudnn_conv_algo_search":
+        "HEURISTIC"})`` or ``("TensorrtExecutionProvider", {"trt_fp16_enable":
+        True, "trt_engine_cache_enable": True, "trt_engine_cache_path":
+        "trt-cache"})``; see :func:`cuda_provider` and
+        :func:`tensorrt_provider`.
     strict : bool
         Raise :class:`ProviderError` instead of warning when an explicitly
         requested provider is missing.
@@ -109,6 +127,45 @@ def resolve_providers(providers: ProviderArg = "auto", *, strict: bool = False) 
     if not any(n == "CPUExecutionProvider" for n, _ in usable):
         usable.append(("CPUExecutionProvider", {}))
     return usable
+
+
+def cuda_provider(device_id: int = 0, *, cudnn_conv_algo_search: str = "EXHAUSTIVE", **options: Any) -> tuple[str, dict]:
+    """``("CUDAExecutionProvider", options)`` with the commonly tuned options named.
+
+    ``cudnn_conv_algo_search`` is ``"EXHAUSTIVE"`` (ORT's default: best
+    kernels, slower first batch), ``"HEURISTIC"`` or ``"DEFAULT"``.
+
+    Examples
+    --------
+    >>> cuda_provider(1, cudnn_conv_algo_search="HEURISTIC")
+    ('CUDAExecutionProvider', {'device_id': 1, 'cudnn_conv_algo_search': 'HEURISTIC'})
+    """
+    if cudnn_conv_algo_search not in ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"):
+        raise ValueError(
+            f"cudnn_conv_algo_search must be 'EXHAUSTIVE', 'HEURISTIC' or 'DEFAULT'; got {cudnn_conv_algo_search!r}."
+        )
+    return ("CUDAExecutionProvider", {"device_id": int(device_id), "cudnn_conv_algo_search": cudnn_conv_algo_search, **options})
+
+
+def tensorrt_provider(
+    device_id: int = 0, *, fp16: bool = False, engine_cache_dir: str | os.PathLike | None = None, **options: Any
+) -> tuple[str, dict]:
+    """``("TensorrtExecutionProvider", options)``: fp16 and a persistent engine cache.
+
+    Building a TensorRT engine takes minutes; ``engine_cache_dir`` keeps it
+    across processes. Put :func:`cuda_provider` after it in the list so layers
+    TensorRT cannot run fall back to CUDA rather than CPU.
+
+    Examples
+    --------
+    >>> tensorrt_provider(fp16=True, engine_cache_dir="trt")[1]["trt_engine_cache_path"]
+    'trt'
+    """
+    opts: dict[str, Any] = {"device_id": int(device_id), "trt_fp16_enable": bool(fp16)}
+    if engine_cache_dir is not None:
+        opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=os.fspath(engine_cache_dir))
+    opts.update(options)
+    return ("TensorrtExecutionProvider", opts)
 
 
 def create_session(
@@ -145,22 +202,54 @@ def create_session(
     return sess
 
 
+#: providers whose memory is not host memory: inputs/outputs go through IOBinding
+_DEVICE_PROVIDERS = {
+    "CUDAExecutionProvider": "cuda",
+    "TensorrtExecutionProvider": "cuda",
+    "ROCMExecutionProvider": "cuda",
+    "DmlExecutionProvider": "dml",
+}
+
+
 @dataclass
 class Runner:
-    """A session plus the names it needs; ``run`` maps an NCHW batch to outputs."""
+    """A session plus the names it needs; ``run`` maps an NCHW batch to outputs.
+
+    On a device provider (CUDA, TensorRT, ROCm, DirectML) each batch goes
+    through ONNX Runtime's IOBinding: the input is copied to the device once,
+    the outputs are copied back once, with no per-output host round trip.
+    """
 
     session: ort.InferenceSession
     input_name: str
     output_names: list[str]
+    use_io_binding: bool = False
 
     @classmethod
-    def from_model(cls, model: bytes, providers: ProviderArg = "auto", **kw: Any) -> "Runner":
+    def from_model(
+        cls, model: bytes, providers: ProviderArg = "auto", *, io_binding: bool | None = None, **kw: Any
+    ) -> "Runner":
         sess = create_session(model, providers, **kw)
-        return cls(sess, sess.get_inputs()[0].name, [o.name for o in sess.get_outputs()])
+        if io_binding is None:
+            io_binding = sess.get_providers()[0] in _DEVICE_PROVIDERS
+        return cls(sess, sess.get_inputs()[0].name, [o.name for o in sess.get_outputs()], io_binding)
 
     @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
+    @property
+    def on_device(self) -> bool:
+        """True when the first provider runs on an accelerator."""
+        return self.providers[0] in _DEVICE_PROVIDERS
+
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(self.output_names, {self.input_name: batch})
+        if not self.use_io_binding:
+            return self.session.run(self.output_names, {self.input_name: batch})
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.input_name, np.ascontiguousarray(batch))
+        for name in self.output_names:
+            # ORT allocates each output on the provider's device; copied back once below
+            binding.bind_output(name, _DEVICE_PROVIDERS.get(self.providers[0], "cpu"))
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
