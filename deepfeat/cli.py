@@ -46,14 +46,22 @@ def _embedder(args):
         providers=args.providers.split(",") if args.providers != "auto" else "auto",
         on_error=args.on_error,
         progress=not args.no_progress,
+        cache=args.cache,
+        cache_key=args.cache_key,
     )
 
 
 def cmd_embed(args) -> int:
+    from .images import ImageDecodeError
+
     df = _read_inputs(args.path, args.path_column)
     emb = _embedder(args)
     t0 = time.perf_counter()
-    X = emb.fit(df["path"]).transform(df["path"])
+    emb.fit(df["path"])
+    try:
+        X = emb.transform(df["path"])
+    except ImageDecodeError as exc:
+        return _report_raise(exc, df, args)
     dt = time.perf_counter() - t0
     feats = pd.DataFrame(X, columns=emb.get_feature_names_out(), index=df.index)
     out = pd.concat([df.reset_index(drop=True), feats.reset_index(drop=True)], axis=1)
@@ -69,9 +77,47 @@ def cmd_embed(args) -> int:
         f"({X.shape[1]} features, layers {[l for l, _ in emb.layers_]}, {emb.providers_[0]}, "
         f"{dt:.1f} s, {len(df) / max(dt, 1e-9):.1f} img/s)"
     )
+    if emb.cache_dir_ is not None:
+        st = emb.cache_stats_
+        print(f"cache {emb.cache_dir_}: {st['hits']} hits, {st['computed']} computed, {st['shared']} from other processes")
+    if args.failures:
+        _write_failures(emb.failures_, args.failures)
     if failed:
-        print(emb.failures_.to_string(index=False), file=sys.stderr)
+        # under --on-error skip: exit 0 (the output is complete and aligned) but say what failed
+        print(f"deepfeat: {failed} of {len(df)} inputs failed and have NaN rows:", file=sys.stderr)
+        for row in emb.failures_.head(_MAX_LISTED).itertuples(index=False):
+            print(f"  {row.source}: {row.reason}", file=sys.stderr)
+        if failed > _MAX_LISTED:
+            more = f"see {args.failures}" if args.failures else "use --failures FILE for the full list"
+            print(f"  ... and {failed - _MAX_LISTED} more ({more})", file=sys.stderr)
     return 0
+
+
+#: failed inputs printed on stderr; --failures FILE gets all of them
+_MAX_LISTED = 20
+
+
+def _write_failures(failures: pd.DataFrame, path: str) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    failures.to_csv(out, index=False)
+
+
+def _report_raise(exc, df: pd.DataFrame, args) -> int:
+    """--on-error raise met a bad input: say which and why, exit non-zero."""
+    paths = [str(p) for p in df["path"]]
+    where = f" (input {paths.index(exc.source) + 1} of {len(paths)})" if exc.source in paths else ""
+    if args.failures:
+        pos = paths.index(exc.source) if exc.source in paths else -1
+        row = pd.DataFrame([(pos, exc.source, exc.reason)], columns=["position", "source", "reason"])
+        _write_failures(row, args.failures)
+    print(
+        f"deepfeat: error: cannot embed {exc.source}{where}: {exc.reason}\n"
+        "deepfeat: stopped at this input and wrote no output; fix or remove it, or use "
+        "--on-error skip to give bad inputs NaN rows and a failure report",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def cmd_layers(args) -> int:
@@ -100,31 +146,213 @@ def cmd_sample_photos(args) -> int:
     return 0
 
 
-def cmd_classify(args) -> int:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+def _labelled(path: str, args) -> pd.DataFrame:
+    df = _read_inputs(path, args.path_column)
+    if "label" not in df.columns:
+        raise SystemExit(f"deepfeat: {path} has no 'label' column; a CSV needs path and label columns")
+    unlabelled = df["label"].isna()
+    if unlabelled.any():
+        print(f"deepfeat: ignoring {int(unlabelled.sum())} files of {path} that have no label "
+              "(not in a class sub-folder)", file=sys.stderr)
+    return df[~unlabelled].reset_index(drop=True)
 
-    df = _read_inputs(args.train, args.path_column)
-    df = df[df["label"].notna()]
+
+def _embed_rows(emb, df: pd.DataFrame, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Embed df['path']; drop (and report) rows that failed under --on-error skip."""
+    X = emb.transform(df["path"])
+    ok = ~np.isnan(X).any(axis=1)
+    if not ok.all():
+        print(f"deepfeat: {int((~ok).sum())} {what} images failed and are left out:", file=sys.stderr)
+        for row in emb.failures_.itertuples(index=False):
+            print(f"  {row.source}: {row.reason}", file=sys.stderr)
+    return X[ok], df["label"].to_numpy()[ok]
+
+
+def _cache_note(emb) -> str:
+    stats = getattr(emb, "cache_stats_", None)
+    if getattr(emb, "cache_dir_", None) is None or not stats:
+        return ""
+    return f", cache: {stats['hits']} hits, {stats['computed']} computed"
+
+
+def cmd_classify(args) -> int:
+    from .classify import (
+        compare_heads, confusion_table, default_heads, format_leaderboard, make_image_pipeline, save_model,
+    )
+
+    heads = default_heads(random_state=args.seed)
+    if args.heads:
+        wanted = [h.strip() for h in args.heads.split(",") if h.strip()]
+        unknown = [h for h in wanted if h not in heads]
+        if unknown:
+            raise SystemExit(f"deepfeat: unknown head(s) {unknown}; choose from {', '.join(heads)}")
+        heads = {h: heads[h] for h in wanted}
+    train = _labelled(args.train, args)
+    test = _labelled(args.test, args) if args.test else None
     emb = _embedder(args)
     t0 = time.perf_counter()
-    X = emb.fit(df["path"]).transform(df["path"])
+    emb.fit()
+    X, y = _embed_rows(emb, train, "training")
     t_embed = time.perf_counter() - t0
-    ok = ~np.isnan(X).any(axis=1)
-    X, y = X[ok], df["label"].to_numpy()[ok]
-    head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    n_splits = min(args.cv, int(pd.Series(y).value_counts().min()))
-    if n_splits < 2:
-        raise SystemExit("deepfeat: every class needs at least 2 images for cross-validation")
-    cv = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=0)
-    scores = cross_val_score(head, X, y, cv=cv, scoring="accuracy")
     print(
-        f"{len(y)} images, {len(set(y))} classes, {X.shape[1]} features "
-        f"(embedded in {t_embed:.1f} s on {emb.providers_[0]})"
+        f"{len(y)} training images, {len(set(y))} classes, {X.shape[1]} features from "
+        f"{','.join(l for l, _ in emb.layers_)} (embedded in {t_embed:.1f} s on {emb.providers_[0]}{_cache_note(emb)})"
     )
-    print(f"logistic regression, {n_splits}-fold CV accuracy: {scores.mean():.3f} ± {scores.std():.3f}")
+    board = compare_heads(X, y, heads, cv=args.cv, scoring=args.scoring, n_jobs=args.n_jobs, random_state=args.seed)
+    print(f"\n{board.attrs['n_splits']}-fold stratified CV, {args.scoring} (mean ± std over folds), best first:")
+    print(format_leaderboard(board))
+    if args.leaderboard:
+        out = board.drop(columns="estimator").assign(params=lambda d: d["params"].map(str))
+        Path(args.leaderboard).parent.mkdir(parents=True, exist_ok=True)
+        out.to_csv(args.leaderboard)
+    best = board.iloc[0]
+    pipe = make_image_pipeline(emb, best["estimator"])
+    save_model(pipe, args.output)
+    print(f"\nbest head: {best['head']} -> {args.output} (apply it: deepfeat predict {args.output} PATHS)")
+    if test is not None:
+        Xt, yt = _embed_rows(emb, test, "test")
+        pred = pipe[1:].predict(Xt)
+        acc = float(np.mean(pred == yt))
+        print(f"\ntest: {len(yt)} images, accuracy {acc:.4f} ({int((pred == yt).sum())}/{len(yt)}){_cache_note(emb)}")
+        labels = sorted(set(y) | set(yt))
+        print(confusion_table(yt, pred, labels=labels).to_string())
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .classify import load_model, predict_paths
+    from .datasets import IMAGE_EXTENSIONS
+
+    pipe = load_model(args.model)
+    emb = pipe.steps[0][1]
+    overrides = {"progress": not args.no_progress}
+    if args.providers:
+        # a loaded pipeline has no session yet (sessions are not pickled): it opens on these
+        overrides["providers"] = args.providers.split(",") if args.providers != "auto" else "auto"
+    emb.set_params(**overrides)
+    paths: list[str] = []
+    for p in args.paths:
+        q = Path(p)
+        if q.is_dir():
+            paths += [str(f) for f in sorted(q.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+        elif q.suffix.lower() == ".csv":
+            paths += _read_inputs(p, args.path_column)["path"].tolist()
+        else:
+            paths.append(p)
+    if not paths:
+        raise SystemExit(f"deepfeat: no image files in {args.paths}")
+    result = predict_paths(pipe, paths)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        result.to_csv(args.output, index=False)
+        print(f"predicted {int(result['error'].isna().sum())} of {len(result)} images -> {args.output}")
+    else:
+        with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 80):
+            shown = result.drop(columns="error").astype({"prediction": object})
+            shown.loc[result["error"].notna(), "prediction"] = "(unreadable)"
+            print(shown.to_string(index=False))
+    failed = result[result["error"].notna()]
+    for row in failed.itertuples(index=False):
+        print(f"deepfeat: could not read {row.path}: {row.error}", file=sys.stderr)
+    return 1 if len(failed) == len(result) else 0
+
+
+def cmd_select_layer(args) -> int:
+    from .selection import plot_layer_scores, select_layer
+
+    df = _labelled(args.train, args)
+    layers = args.layers.split(",") if args.layers else None
+    poolings = [p.strip() for p in args.pooling.split(",") if p.strip()]
+    params = {
+        "batch_size": args.batch_size,
+        "providers": args.providers.split(",") if args.providers != "auto" else "auto",
+        "on_error": args.on_error,
+        "progress": not args.no_progress,
+        "cache_key": args.cache_key,
+    }
+    scores = select_layer(
+        df["path"], df["label"], model=args.model, layers=layers, poolings=poolings, cv=args.cv,
+        cache=args.cache, scoring=args.scoring, random_state=args.seed, embedder_params=params,
+    )
+    a = scores.attrs
+    print(
+        f"linear probe (standardise + ridge), {a['n_splits']}-fold stratified CV {a['scoring']} on "
+        f"{a['n_images']} images; embedding took {a['embed_time']:.1f} s"
+    )
+    table = pd.DataFrame(
+        {
+            "layer": scores["layer"],
+            "pooling": scores["pooling"],
+            "features": scores["n_features"],
+            a["scoring"]: [f"{m:.3f} ± {s:.3f}" for m, s in zip(scores["mean_test_score"], scores["std_test_score"])],
+            "rank": scores["rank_test_score"],
+        }
+    )
+    with pd.option_context("display.max_rows", None, "display.width", 200):
+        print(table.to_string(index=False))
+    best = scores.loc[scores["mean_test_score"].idxmax()]
+    pooling = "" if best["pooling"] == "vector" else f" --pooling {best['pooling']}"
+    print(f"\nbest: {best['layer']} ({best['pooling']}), {best['mean_test_score']:.3f}; "
+          f"use it: deepfeat classify {args.train} --layers {best['layer']}{pooling}")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        scores.to_csv(args.output, index=False)
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        ax = plot_layer_scores(scores)
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        ax.figure.savefig(args.plot, dpi=120)
+        print(f"plot -> {args.plot}")
+    return 0
+
+
+def _cache_dir(path: str | None) -> Path:
+    from .cache import default_cache_dir, resolve_cache_dir
+
+    return resolve_cache_dir(path) if path else default_cache_dir()
+
+
+def cmd_cache_info(args) -> int:
+    from .cache import FeatureCache
+
+    info = FeatureCache(_cache_dir(args.path)).info()
+    if not info["exists"]:
+        print(f"no feature cache at {info['path']}")
+        return 0
+    print(
+        f"{info['path']}: {info['vectors']} vectors, {info['bytes'] / 1e6:.1f} MB, "
+        f"integrity ok, {info['claims']} images being computed now"
+    )
+    rows = [
+        {
+            "fingerprint": f["fingerprint"][:12],
+            "model": Path(str(f["description"].get("model", "?"))).name,
+            "layers": ",".join(f["description"].get("layers", [])),
+            "pooling": f["description"].get("pooling", "?"),
+            "input": f["description"].get("input_size", "?"),
+            "dim": f["dim"],
+            "vectors": f["vectors"],
+            "computed": f["computed"],
+        }
+        for f in info["fingerprints"]
+    ]
+    if rows:
+        with pd.option_context("display.width", 200, "display.max_colwidth", 40):
+            print(pd.DataFrame(rows).to_string(index=False))
+    return 0
+
+
+def cmd_cache_clear(args) -> int:
+    from .cache import FeatureCache
+
+    cache = FeatureCache(_cache_dir(args.path))
+    removed = cache.clear()
+    if removed:
+        print(f"removed {', '.join(p.name for p in removed)} from {cache.directory}")
+    else:
+        print(f"no feature cache at {cache.path}; nothing to clear")
     return 0
 
 
@@ -137,6 +365,14 @@ def _add_embed_options(p):
     p.add_argument("--on-error", default="raise", choices=["raise", "skip"])
     p.add_argument("--path-column", default="path", help="column of image paths when PATH is a CSV")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--cache", nargs="?", const=True, default=None, metavar="DIR",
+        help="reuse features from an on-disk cache in DIR (no DIR: $DEEPFEAT_CACHE or ~/.cache/deepfeat/features)",
+    )
+    p.add_argument(
+        "--cache-key", default="content", choices=["content", "stat"],
+        help="recognise files by a hash of their bytes (default) or, faster, by path, size and timestamps",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="embed a folder of images (or a CSV of paths) to parquet/CSV")
     p.add_argument("path", help="folder of class sub-folders, or a CSV with a path column")
     p.add_argument("-o", "--output", required=True, help="output .parquet (or .csv)")
+    p.add_argument(
+        "--failures", default=None, metavar="FILE",
+        help="write the inputs that failed (position, source, reason) to this CSV",
+    )
     _add_embed_options(p)
     p.set_defaults(func=cmd_embed)
 
@@ -163,11 +403,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, default=24)
     p.set_defaults(func=cmd_sample_photos)
 
-    p = sub.add_parser("classify", help="embed a labelled folder and cross-validate a classical head")
+    p = sub.add_parser(
+        "classify", help="embed a labelled folder, grid-search classical heads, save the best pipeline",
+        description="Embed TRAIN once, grid-search classical heads on the features with stratified CV, print a "
+        "leaderboard, save the best as a joblib Pipeline (images in, labels out), and score it on --test.",
+    )
     p.add_argument("train", help="folder of class sub-folders, or a CSV with path and label columns")
-    p.add_argument("--cv", type=int, default=5)
+    p.add_argument("--test", default=None, help="held-out folder/CSV: report accuracy and a confusion matrix")
+    p.add_argument("-o", "--output", default="deepfeat_model.joblib", help="where to save the best pipeline")
+    p.add_argument("--heads", default=None, help="comma-separated subset of: logreg,linear_svm,rbf_svm,random_forest,knn")
+    p.add_argument("--cv", type=int, default=5, help="stratified folds (lowered to the smallest class size)")
+    p.add_argument("--scoring", default="accuracy", help="scikit-learn scorer: accuracy, balanced_accuracy, f1_macro...")
+    p.add_argument("--n-jobs", type=int, default=None, help="parallel fits per grid search (-1: all cores)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the CV shuffle and the random forest")
+    p.add_argument("--leaderboard", default=None, metavar="CSV", help="also write the leaderboard to this CSV")
     _add_embed_options(p)
     p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("predict", help="apply a pipeline saved by classify to images")
+    p.add_argument("model", help="a .joblib file from deepfeat classify (a pickle: load only files you trust)")
+    p.add_argument("paths", nargs="+", help="image files, folders (searched recursively) or CSVs of paths")
+    p.add_argument("-o", "--output", default=None, help="write path,prediction,probability,error to this CSV")
+    p.add_argument("--providers", default=None, help="override the saved providers ('auto', 'cpu', 'cuda', ...)")
+    p.add_argument("--path-column", default="path", help="column of image paths in a CSV")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "select-layer", conflict_handler="resolve",
+        help="score every layer and pooling with a cross-validated linear probe",
+        description="Cut the model at every candidate layer, embed TRAIN once per pooling, and score each "
+        "(layer, pooling) with a standardised ridge probe under stratified CV, to pick the layer by evidence.",
+    )
+    p.add_argument("train", help="folder of class sub-folders, or a CSV with path and label columns")
+    p.add_argument("--cv", type=int, default=5, help="stratified folds (lowered to the smallest class size)")
+    p.add_argument("--scoring", default="accuracy", help="scikit-learn scorer name")
+    p.add_argument("--seed", type=int, default=0, help="seed of the CV shuffle")
+    p.add_argument("-o", "--output", default=None, metavar="CSV", help="write the score table to this CSV")
+    p.add_argument("--plot", default=None, metavar="PNG", help="save a plot of the scores (needs matplotlib)")
+    _add_embed_options(p)
+    # same names as for embed, but lists of candidates here
+    p.add_argument("--layers", default=None, help="comma-separated candidate layers (default: every alias)")
+    p.add_argument("--pooling", default="avg,gem,max", help="comma-separated poolings to try (default: avg,gem,max)")
+    p.set_defaults(func=cmd_select_layer)
+
+    p = sub.add_parser("cache", help="inspect or clear an on-disk feature cache")
+    csub = p.add_subparsers(dest="cache_command", required=True)
+    for name, func, text in (
+        ("info", cmd_cache_info, "vectors stored per model/layer setting, size, integrity check"),
+        ("clear", cmd_cache_clear, "delete the cache database (also rebuilds a corrupt one: it refills on the next run)"),
+    ):
+        q = csub.add_parser(name, help=text)
+        q.add_argument("path", nargs="?", default=None, help="cache folder (default: $DEEPFEAT_CACHE or ~/.cache/deepfeat/features)")
+        q.set_defaults(func=func)
+
+    from .export import add_export_parser  # torch is imported only when export runs
+
+    add_export_parser(sub)
     return parser
 
 

@@ -20,6 +20,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from . import graph
+from .cache import KEY_MODES, cached_compute, feature_fingerprint, open_cache, resolve_cache_dir
 from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, describe, load_image, preprocess
 from .pooling import POOLINGS, pool, pooled_dim
 from .registry import DEFAULT_MODEL, file_sha256, resolve_model
@@ -55,7 +56,14 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
     batch_size : int, default=32
         Images per ONNX Runtime call.
     providers : "auto", str, list, default="auto"
-        ONNX Runtime execution providers, see :func:`deepfeat.runtime.resolve_providers`.
+        ONNX Runtime execution providers: ``"auto"`` (CUDA, ROCm, OpenVINO,
+        CoreML or DirectML when installed, else CPU), a name (``"cpu"``,
+        ``"cuda"``, ``"tensorrt"`` or ORT's full names), ``(name, options)``
+        pairs, or a list of those in order of preference. See
+        :func:`deepfeat.runtime.resolve_providers`.
+    strict_providers : bool, default=False
+        Raise instead of warning when a requested provider is unavailable or
+        fails to initialise.
     on_error : {"raise", "skip"}, default="raise"
         What a bad input does: ``"raise"`` stops with an error naming the input
         and the reason; ``"skip"`` gives a row of NaN (rows stay aligned with
@@ -64,7 +72,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         Show a progress bar (only when stderr is a terminal).
     n_jobs : int or None, default=None
         Threads that decode and preprocess images while the network runs;
-        ``None`` uses up to 4, one per core.
+        ``None`` uses one per core, up to 4 on CPU, all cores on a GPU.
     max_pixels : int or None, default=178956970
         Images with more pixels are refused (decompression-bomb guard).
     preprocessing : dict or None, default=None
@@ -72,6 +80,18 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         ``resize_size``, ``mean``, ``std`` on the 0..255 scale,
         ``interpolation``, ``layers``), required for unregistered models that
         do not use ImageNet's torchvision preprocessing.
+    cache : bool, str, path-like or None, default=None
+        Folder of a persistent feature cache (see :mod:`deepfeat.cache`):
+        each image's vector is computed once and read back by later
+        ``transform`` calls, cross-validation folds and processes. ``True``
+        uses ``$DEEPFEAT_CACHE`` or ``~/.cache/deepfeat/features``. Vectors are
+        keyed by the image's content and by everything that changes them
+        (model file, layers, pooling, preprocessing), so a changed setting or
+        an edited file is never answered with an old vector.
+    cache_key : {"content", "stat"}, default="content"
+        How a file is recognised: by a hash of its bytes, or (faster, for slow
+        disks) by its path, size and timestamps, which trusts the file system
+        to update them on every edit. In-memory PIL images are never cached.
 
     Attributes
     ----------
@@ -88,6 +108,16 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
     failures_ : pandas.DataFrame
         After ``transform`` with ``on_error="skip"``: the inputs that failed,
         with their row position and the reason. Empty when all succeeded.
+    cache_dir_ : pathlib.Path or None
+        The cache folder used, ``None`` without a cache.
+    cache_fingerprint_ : str
+        SHA-256 of the settings that determine the vectors (the cache's key
+        prefix).
+    cache_stats_ : dict
+        Counts of the last ``transform``: ``hits`` (rows read from the cache),
+        ``misses``, ``computed`` (images run through the network),
+        ``shared`` (misses another process computed meanwhile) and
+        ``uncacheable``.
 
     See Also
     --------
@@ -114,11 +144,14 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         "image_size": [Interval(Integral, 8, None, closed="left"), None],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "providers": [str, list, tuple, None],
+        "strict_providers": ["boolean"],
         "on_error": [StrOptions({"raise", "skip"})],
         "progress": ["boolean"],
         "n_jobs": [Interval(Integral, 1, None, closed="left"), None],
         "max_pixels": [Interval(Integral, 1, None, closed="left"), None],
         "preprocessing": [dict, None],
+        "cache": ["boolean", str, os.PathLike, None],
+        "cache_key": [StrOptions(set(KEY_MODES))],
     }
 
     def __init__(
@@ -129,11 +162,14 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         image_size: int | None = None,
         batch_size: int = 32,
         providers: Any = "auto",
+        strict_providers: bool = False,
         on_error: str = "raise",
         progress: bool = True,
         n_jobs: int | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         preprocessing: dict | None = None,
+        cache: bool | str | os.PathLike | None = None,
+        cache_key: str = "content",
     ):
         self.model = model
         self.layers = layers
@@ -141,11 +177,14 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         self.image_size = image_size
         self.batch_size = batch_size
         self.providers = providers
+        self.strict_providers = strict_providers
         self.on_error = on_error
         self.progress = progress
         self.n_jobs = n_jobs
         self.max_pixels = max_pixels
         self.preprocessing = preprocessing
+        self.cache = cache
+        self.cache_key = cache_key
 
     # ------------------------------------------------------------------ fit
     def fit(self, X=None, y=None):
@@ -172,13 +211,35 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         self.n_features_out_ = int(sum(self.output_dims_))
         self.providers_ = self._runner.providers
         self.failures_ = _empty_failures()
+        self.cache_dir_ = resolve_cache_dir(self.cache)
+        self.cache_fingerprint_ = feature_fingerprint(self._cache_parts())
+        self.cache_stats_ = dict.fromkeys(("hits", "misses", "computed", "shared", "uncacheable"), 0)
+        if self.cache_dir_ is not None:
+            open_cache(self.cache_dir_)  # a corrupt or unwritable cache fails here, not mid-transform
         return self
+
+    def _cache_parts(self) -> dict:
+        """Everything that changes a vector; the cache key prefix is its hash."""
+        s = self.spec_
+        return {
+            "feature_version": FEATURE_VERSION,
+            "model_sha256": self.model_sha256_,
+            "tensors": [t for _, t in self.layers_],
+            "pooling": self.pooling,
+            "input_size": s.input_size,
+            "resize_size": s.resize_size,
+            "interpolation": s.interpolation,
+            "mean": [float(v) for v in s.mean],
+            "std": [float(v) for v in s.std],
+            "channel_order": s.channel_order,
+            "dims": [int(d) for d in self.output_dims_],
+        }
 
     def _build_runner(self, proto=None) -> Runner:
         if proto is None:
             proto = graph.load_onnx(self.model_path_)
         cut = graph.truncate(proto, [t for _, t in self.layers_])
-        self._runner = Runner.from_model(cut.SerializeToString(), self.providers)
+        self._runner = Runner.from_model(cut.SerializeToString(), self.providers, strict=self.strict_providers)
         return self._runner
 
     def _get_runner(self) -> Runner:
@@ -203,14 +264,42 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         items = _as_items(X)
         out = np.empty((len(items), self.n_features_out_), dtype=np.float32)
         failures: list[tuple[int, str, str]] = []
-        for idx, batch in self._stream(items, failures):
-            feats = self._infer(batch)
-            out[idx] = feats
+        if getattr(self, "cache_dir_", None) is None:
+            computed = 0
+            for idx, batch in self._stream(items, failures):
+                feats = self._infer(batch)
+                out[idx] = feats
+                computed += len(idx)
+            self.cache_stats_ = {"hits": 0, "misses": 0, "computed": computed, "shared": 0, "uncacheable": 0}
+        else:
+            self.cache_stats_ = cached_compute(
+                open_cache(self.cache_dir_),
+                self.cache_fingerprint_,
+                items,
+                out,
+                lambda positions: self._compute_at(items, positions, failures),
+                key_mode=self.cache_key,
+                description={"model": self.spec_.name, "layers": [l for l, _ in self.layers_], **self._cache_parts()},
+                chunk=max(512, 4 * self.batch_size),
+                threads=self.n_jobs or max(1, min(4, os.cpu_count() or 1)),
+            )
+            failures.sort(key=lambda f: f[0])
         if failures:
             out[[i for i, _, _ in failures]] = np.nan
             logger.warning("%d of %d images failed and were given NaN rows", len(failures), len(items))
         self.failures_ = pd.DataFrame(failures, columns=["position", "source", "reason"])
         return out
+
+    def _compute_at(self, items: list, positions, failures: list) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Run the network on ``items[positions]``: yield ``(positions, features)``
+        batches; failures are recorded with their position in ``items``."""
+        positions = np.asarray(positions, dtype=np.intp)
+        local: list = []
+        try:
+            for idx, batch in self._stream([items[i] for i in positions], local):
+                yield positions[idx], self._infer(batch)
+        finally:
+            failures.extend((int(positions[f[0]]),) + tuple(f[1:]) for f in local)
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         outputs = self._get_runner().run(batch)
@@ -219,16 +308,22 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
     def _decode(self, item) -> np.ndarray:
         s = self.spec_
         img = load_image(item, max_pixels=self.max_pixels)
-        return preprocess(
+        x = preprocess(
             img, input_size=s.input_size, resize_size=s.resize_size,
             mean=s.mean, std=s.std, interpolation=s.interpolation,
         )
+        # networks converted from Caffe expect BGR planes
+        return np.ascontiguousarray(x[::-1]) if s.channel_order == "BGR" else x
 
     def _decode_safe(self, item):
         try:
             return self._decode(item)
         except ImageDecodeError as exc:
             return exc
+        except Exception as exc:  # e.g. MemoryError in preprocess: one bad file must not end a long job
+            err = ImageDecodeError(describe(item), f"cannot decode or preprocess ({type(exc).__name__}: {exc})")
+            err.__cause__ = exc
+            return err
 
     def _stream(self, items: list, failures: list) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(row positions, NCHW batch)``, decoding the next batch while
@@ -236,7 +331,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         n = len(items)
         bs = self.batch_size
         starts = range(0, n, bs)
-        workers = self.n_jobs or max(1, min(4, os.cpu_count() or 1))
+        workers = self.n_jobs or _default_decode_threads(self._get_runner().on_device)
         bar = _progress(n, self.progress)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deepfeat-decode") as pool_:
             def submit(start):
@@ -289,6 +384,12 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         tags.input_tags.string = True
         tags.requires_fit = True
         return tags
+
+
+def _default_decode_threads(on_device: bool) -> int:
+    # on CPU the network and the decoders share the cores; a GPU needs every core decoding to stay fed
+    cores = os.cpu_count() or 1
+    return cores if on_device else max(1, min(4, cores))
 
 
 def _empty_failures() -> pd.DataFrame:

@@ -8,8 +8,12 @@ PyTorch is imported lazily: nothing here is needed at inference time.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import math
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -52,8 +56,15 @@ def _tap_wrapper(torch, model, taps: Mapping[str, tuple[str, str]]):
             super().__init__()
             self.model = model
             self._store: dict[str, Any] = {}
-            for alias, (name, where) in taps.items():
+            self.handles = [
                 modules[name].register_forward_hook(self._hook(alias, where))
+                for alias, (name, where) in taps.items()
+            ]
+
+        def remove_hooks(self):
+            # the caller's model must come back unchanged
+            for h in self.handles:
+                h.remove()
 
         def _hook(self, alias, where):
             def hook(module, inputs, output):
@@ -66,7 +77,13 @@ def _tap_wrapper(torch, model, taps: Mapping[str, tuple[str, str]]):
         def forward(self, x):
             self._store.clear()
             out = self.model(x)
-            values = [self._store.get(a, out) if a != "logits" else out for a in taps]
+            silent = [a for a in taps if a != "logits" and a not in self._store]
+            if silent:
+                raise RuntimeError(
+                    f"Taps {silent} never fired: their modules "
+                    f"{[taps[a][0] for a in silent]} are not called by forward()."
+                )
+            values = [out if a == "logits" else self._store[a] for a in taps]
             self._store.clear()
             return tuple(values)
 
@@ -81,6 +98,7 @@ def export_module(
     taps: Mapping[str, tuple[str, str]],
     keep_outputs: Sequence[str] = ("logits",),
     input_name: str = "input",
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Export a ``torch.nn.Module`` to ONNX with named intermediate tensors.
 
@@ -99,6 +117,9 @@ def export_module(
         Aliases left as graph outputs; the others stay as named internal tensors.
     input_name : str
         Name of the graph input.
+    metadata : mapping of str to str, optional
+        Stored as the model's ``metadata_props`` (``deepfeat export`` records
+        preprocessing and aliases there).
 
     Returns
     -------
@@ -122,24 +143,29 @@ def export_module(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.onnx")
-    with torch.no_grad():
-        torch.onnx.export(
-            wrapped,
-            (dummy,),
-            str(tmp),
-            input_names=[input_name],
-            output_names=aliases,
-            dynamic_axes={input_name: {0: "batch"}, **{a: {0: "batch"} for a in aliases}},
-            opset_version=OPSET,
-            dynamo=False,
-            do_constant_folding=True,
-        )
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                wrapped,
+                (dummy,),
+                str(tmp),
+                input_names=[input_name],
+                output_names=aliases,
+                dynamic_axes={input_name: {0: "batch"}, **{a: {0: "batch"} for a in aliases}},
+                opset_version=OPSET,
+                dynamo=False,
+                do_constant_folding=True,
+            )
+    finally:
+        wrapped.remove_hooks()
     proto = onnx.load(str(tmp))
     tmp.unlink()
     keep = [o for o in proto.graph.output if o.name in set(keep_outputs)]
     del proto.graph.output[:]
     proto.graph.output.extend(keep)
     proto.producer_name = "deepfeat.export"
+    for key, value in (metadata or {}).items():
+        proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto, full_check=True)
     data = proto.SerializeToString()
     tmp.write_bytes(data)
@@ -205,3 +231,506 @@ def compare_with_torch(model, onnx_path, batch: np.ndarray) -> float:
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: batch})[0]
     return float(np.max(np.abs(ref - got)))
+
+
+# --------------------------------------------------------------------------
+# Generic export: any torch.nn.Module, torchvision or timm model
+# --------------------------------------------------------------------------
+
+#: ImageNet statistics on the 0..255 scale (torchvision's and timm's defaults)
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+class ExportCheckError(RuntimeError):
+    """The exported ONNX graph does not compute what the PyTorch module computes."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export_model` wrote and how well it matches PyTorch.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The ``.onnx`` file.
+    sha256 : str
+        Its hex digest.
+    size_bytes : int
+        Its size.
+    layers : dict
+        Alias -> tensor name, as recorded in the file.
+    preprocessing : dict
+        ``input_size``, ``resize_size``, ``mean``, ``std``, ``interpolation``.
+    max_abs_diff : dict
+        Alias -> largest absolute difference between ONNX Runtime and
+        PyTorch on the check batch (empty when the check was skipped).
+    """
+
+    path: Path
+    sha256: str
+    size_bytes: int
+    layers: dict
+    preprocessing: dict
+    max_abs_diff: dict
+
+
+def _reduction(input_size: int, shape: tuple) -> int | None:
+    # input sides that are not multiples of 32 (240, 260) give 7.5 -> 8 etc.
+    if len(shape) != 4 or shape[3] <= 1:
+        return None
+    return 2 ** round(math.log2(input_size / shape[3]))
+
+
+def module_taps(model, input_size: int = 224) -> dict[str, tuple[str, str]]:
+    """Standard aliases for a PyTorch image model, derived from its module names.
+
+    One forward pass on a zero image records, for each submodule called once,
+    its input and output shapes in the order the modules finish. Then:
+
+    * ``stageK`` (K = 1..5) is the last module to finish with output at
+      spatial reduction 2**K, among the shallowest modules at that reduction
+      (``layer3`` rather than ``layer3.1.relu``);
+    * ``features`` / ``pooled`` are the input / output of the last module that
+      pools a feature map to one value per channel (``avgpool``,
+      ``global_pool``, ``_avg_pooling``);
+    * ``logits`` is the model's output.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        An image classifier taking ``(N, 3, H, W)``.
+    input_size : int
+        Square input side for the probe pass.
+
+    Returns
+    -------
+    dict
+        Alias -> ``(module_name, "input" | "output")``, as :func:`export_module`
+        takes; ``("", "output")`` is the model's own output.
+
+    Examples
+    --------
+    >>> import torch  # doctest: +SKIP
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1),
+    ...                           torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())  # doctest: +SKIP
+    >>> module_taps(net, 64)  # doctest: +SKIP
+    {'stage1': ('0', 'output'), 'features': ('1', 'input'), 'pooled': ('1', 'output'), 'logits': ('', 'output')}
+    """
+    torch = _require_torch()
+    records: list[tuple[str, tuple | None, tuple | None]] = []
+    calls: dict[str, int] = {}
+
+    def make_hook(name):
+        def hook(module, inputs, output):
+            calls[name] = calls.get(name, 0) + 1
+            first = inputs[0] if inputs else None
+            records.append((
+                name,
+                tuple(first.shape) if isinstance(first, torch.Tensor) else None,
+                tuple(output.shape) if isinstance(output, torch.Tensor) else None,
+            ))
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, input_size, input_size))
+    finally:
+        for h in handles:
+            h.remove()
+    # a module called twice (a shared activation) has no single tensor to tap
+    once = [r for r in records if calls[r[0]] == 1]
+    taps: dict[str, tuple[str, str]] = {}
+
+    by_red: dict[int, list[tuple[str, tuple]]] = {}
+    for name, _, out in once:
+        r = _reduction(input_size, out) if out is not None else None
+        if r is not None:
+            by_red.setdefault(r, []).append((name, out))
+
+    def shallowest(items):
+        depth = min(n.count(".") for n, _ in items)
+        return [(n, o) for n, o in items if n.count(".") == depth]
+
+    for k in range(1, 6):
+        cands = by_red.get(2**k)
+        if not cands:
+            continue
+        # the shallowest modules are whole stages or blocks; deeper ones include
+        # a bottleneck's wide expansion in front of the next stride
+        taps[f"stage{k}"] = (shallowest(cands)[-1][0], "output")
+
+    for name, ins, out in reversed(once):
+        if ins is None or out is None or len(ins) != 4 or ins[2] * ins[3] <= 1:
+            continue
+        vector = len(out) == 2 or (len(out) == 4 and out[2] == out[3] == 1)
+        if vector and out[1] == ins[1]:
+            taps["features"] = (name, "input")
+            taps["pooled"] = (name, "output")
+            break
+    taps["logits"] = ("", "output")
+    return taps
+
+
+def export_model(
+    model,
+    path: str | os.PathLike,
+    *,
+    input_size: int = 224,
+    resize_size: int | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    interpolation: str = "bilinear",
+    taps: Mapping[str, tuple[str, str]] | None = None,
+    description: str = "",
+    source: str = "",
+    check: bool = True,
+    rtol: float = 1e-3,
+    atol: float = 1e-4,
+) -> ExportResult:
+    """Export any ``torch.nn.Module`` image classifier to an annotated ONNX file.
+
+    The file has a dynamic batch axis, the standard aliases
+    (:func:`module_taps`: ``stage1..stage5``, ``features``, ``pooled``,
+    ``logits``, found from the module names) as named tensors, and
+    its preprocessing in ``metadata_props``, so
+    ``ImageEmbedder(model="file.onnx", layers="stage4")`` needs no further
+    arguments. Then ONNX Runtime and PyTorch are run on the same random batch
+    and every alias is compared.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Takes ``(N, 3, input_size, input_size)`` floats.
+    path : str or path-like
+        Output ``.onnx`` file (written atomically).
+    input_size, resize_size : int
+        Center-crop side and the shorter side before cropping
+        (default ``resize_size``: ``input_size / 0.875``).
+    mean, std : sequence of float
+        RGB normalisation on the 0..255 scale.
+    interpolation : {"bilinear", "bicubic", "nearest"}
+        Resize filter.
+    taps : mapping, optional
+        Alias -> ``(module_name, "input" | "output")``; default
+        :func:`module_taps`. Aliases the modules do not give (a pooling done
+        with a function, not a module) are then taken from the graph with
+        :func:`deepfeat.aliases.derive_aliases`.
+    description, source : str
+        Recorded in the file (``deepfeat models``-style provenance).
+    check : bool
+        Compare ONNX Runtime with PyTorch on every alias.
+    rtol, atol : float
+        The check fails when ``max|onnx - torch| > atol + rtol * max|torch|``.
+
+    Returns
+    -------
+    ExportResult
+
+    Raises
+    ------
+    ExportCheckError
+        ONNX and PyTorch disagree beyond the tolerance; the file is deleted.
+
+    Examples
+    --------
+    >>> import torch  # doctest: +SKIP
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+    ...                           torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())  # doctest: +SKIP
+    >>> res = export_model(net, "tiny.onnx", input_size=64)  # doctest: +SKIP
+    >>> sorted(res.layers)  # doctest: +SKIP
+    ['features', 'logits', 'pooled', 'stage1']
+    """
+    _require_torch()
+    import onnx
+
+    from .aliases import derive_aliases
+
+    path = Path(path)
+    resize_size = resize_size or round(input_size / 0.875)
+    if interpolation not in ("bilinear", "bicubic", "nearest"):
+        raise ValueError(
+            f"interpolation must be 'bilinear', 'bicubic' or 'nearest'; got {interpolation!r}"
+        )
+    taps = dict(taps) if taps is not None else module_taps(model, input_size)
+    taps.setdefault("logits", ("", "output"))
+    # each tapped tensor is named after its alias
+    layers = {alias: alias for alias in taps}
+    export_module(model, path, input_size=input_size, taps=taps)
+    proto = onnx.load(str(path))
+    missing = [a for a in ("features", "pooled") if a not in layers]
+    if missing:
+        derived = derive_aliases(proto, input_size)
+        layers.update({a: derived[a] for a in missing if a in derived})
+    preprocessing = {
+        "input_size": int(input_size),
+        "resize_size": int(resize_size),
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "interpolation": interpolation,
+    }
+    record = {
+        **preprocessing,
+        "layers": layers,
+        "default_layer": "pooled" if "pooled" in layers else "features" if "features" in layers else "logits",
+        "description": description,
+        "source": source,
+        # provenance: which module each alias was tapped from
+        "modules": {a: f"{m or '<model>'}:{w}" for a, (m, w) in taps.items()},
+    }
+    from .registry import METADATA_KEY
+
+    proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(record, sort_keys=True))
+    data = proto.SerializeToString()
+    tmp = path.with_suffix(".tmp.onnx")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    diffs: dict[str, float] = {}
+    if check:
+        try:
+            diffs = check_export(model, path, taps, layers, input_size=input_size, rtol=rtol, atol=atol)
+        except ExportCheckError:
+            path.unlink()
+            raise
+    digest = hashlib.sha256(data).hexdigest()
+    logger.info("exported %s: %d bytes, sha256 %s, max |onnx - torch| %s", path, len(data), digest, diffs)
+    return ExportResult(path, digest, len(data), layers, preprocessing, diffs)
+
+
+def check_export(
+    model,
+    onnx_path: str | os.PathLike,
+    taps: Mapping[str, tuple[str, str]],
+    layers: Mapping[str, str],
+    *,
+    input_size: int,
+    rtol: float = 1e-3,
+    atol: float = 1e-4,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Run PyTorch and ONNX Runtime on one random batch; compare every tapped alias.
+
+    PyTorch's values come from forward hooks on the tapped modules (and the
+    model's output for ``logits``); ONNX Runtime's from the graph cut at the
+    tensors ``layers`` names.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    onnx_path : path
+    taps : mapping
+        Alias -> ``(module_name, "input" | "output")``, as exported.
+    layers : mapping
+        Alias -> tensor name in the ONNX graph.
+    input_size : int
+    rtol, atol : float
+        Tolerance: ``max|onnx - torch| <= atol + rtol * max|torch|``.
+    seed : int
+        Seed of the standard-normal check batch (2 images).
+
+    Returns
+    -------
+    dict
+        Alias -> max absolute difference.
+
+    Raises
+    ------
+    ExportCheckError
+        Some alias differs by more than the tolerance, or has another shape.
+    """
+    torch = _require_torch()
+    import onnxruntime as ort
+
+    from .graph import load_onnx, truncate
+
+    batch = np.random.default_rng(seed).standard_normal((2, 3, input_size, input_size)).astype(np.float32)
+    modules = dict(model.named_modules())
+    ref: dict[str, np.ndarray] = {}
+    handles = []
+    for alias, (name, where) in taps.items():
+        if not name:
+            continue
+
+        def hook(module, inputs, output, alias=alias, where=where):
+            ref[alias] = (inputs[0] if where == "input" else output).detach().numpy().copy()
+
+        handles.append(modules[name].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.from_numpy(batch)).numpy()
+    finally:
+        for h in handles:
+            h.remove()
+    ref.update({a: out for a, (name, _) in taps.items() if not name})
+    compared = {a: layers[a] for a in ref if a in layers}
+    cut = truncate(load_onnx(onnx_path), list(dict.fromkeys(compared.values())))
+    sess = ort.InferenceSession(cut.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    got_all = dict(zip(names, sess.run(names, {sess.get_inputs()[0].name: batch})))
+    diffs, bad = {}, []
+    for alias, tensor in compared.items():
+        want, got = ref[alias], got_all[tensor]
+        if want.shape != got.shape:
+            bad.append(f"{alias}: shape {got.shape} in ONNX, {want.shape} in PyTorch")
+            continue
+        diffs[alias] = float(np.max(np.abs(want - got)))
+        scale = float(np.max(np.abs(want)))
+        if diffs[alias] > atol + rtol * scale:
+            bad.append(f"{alias}: max |onnx - torch| = {diffs[alias]:.3g} (max |torch| = {scale:.3g})")
+    if bad:
+        raise ExportCheckError(
+            f"The ONNX export {os.fspath(onnx_path)} does not match PyTorch: " + "; ".join(bad)
+            + ". A module may behave differently when traced (data-dependent control flow)."
+        )
+    return diffs
+
+
+def export_registered(name: str, path: str | os.PathLike) -> Path:
+    """Make the file of a registered model that is exported rather than shipped.
+
+    Examples
+    --------
+    >>> export_registered("efficientnet_lite1", "efficientnet_lite1.onnx")  # doctest: +SKIP
+    """
+    from .registry import get_model_spec
+
+    spec = get_model_spec(name)
+    if not spec.exporter:
+        raise ValueError(
+            f"Model {name!r} is not made by deepfeat export (it is "
+            f"{'downloaded from ' + spec.url if spec.url else 'shipped'})."
+        )
+    if spec.exporter.startswith("efficientnet-lite"):
+        return export_efficientnet_lite(spec.exporter, path)
+    raise ValueError(f"No exporter named {spec.exporter!r} for model {name!r}.")  # pragma: no cover
+
+
+def load_source(source: str, *, pretrained: bool = True):
+    """A PyTorch model and its preprocessing from ``torchvision:NAME``, ``timm:NAME`` or ``MODULE:CALLABLE``.
+
+    Returns
+    -------
+    model : torch.nn.Module
+    preprocessing : dict
+        ``input_size``, ``resize_size``, ``mean``, ``std`` (0..255 scale),
+        ``interpolation``: from the weights' own transforms (torchvision) or
+        data config (timm); ImageNet defaults for other modules.
+
+    Examples
+    --------
+    >>> model, prep = load_source("torchvision:resnet50")  # doctest: +SKIP
+    >>> prep["input_size"], prep["resize_size"]  # doctest: +SKIP
+    (224, 232)
+    """
+    _require_torch()
+    kind, _, name = source.partition(":")
+    if not name:
+        raise ValueError(
+            f"Export source {source!r} must be 'torchvision:NAME', 'timm:NAME' or "
+            "'package.module:callable' (a function or class returning a torch.nn.Module)."
+        )
+    default = dict(input_size=224, resize_size=256, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
+                   interpolation="bilinear")
+    if kind == "torchvision":
+        try:
+            import torchvision
+        except Exception as exc:  # ImportError, or its C ops failing against this torch build
+            raise ImportError(
+                f"torchvision cannot be imported ({exc}). It must be the build made for the "
+                "installed torch; or export with 'package.module:callable'."
+            ) from exc
+        weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
+        model = torchvision.models.get_model(name, weights=weights)
+        if weights is None:
+            return model, default
+        t = weights.transforms()
+        return model, dict(
+            input_size=int(t.crop_size[0]),
+            resize_size=int(t.resize_size[0]),
+            mean=[m * 255 for m in t.mean],
+            std=[s * 255 for s in t.std],
+            interpolation=t.interpolation.value,
+        )
+    if kind == "timm":
+        import timm
+        from timm.data import resolve_data_config
+
+        model = timm.create_model(name, pretrained=pretrained)
+        cfg = resolve_data_config({}, model=model)
+        size = int(cfg["input_size"][-1])
+        return model, dict(
+            input_size=size,
+            resize_size=int(math.floor(size / cfg["crop_pct"])),
+            mean=[m * 255 for m in cfg["mean"]],
+            std=[s * 255 for s in cfg["std"]],
+            interpolation=cfg["interpolation"] if cfg["interpolation"] in ("bilinear", "bicubic", "nearest") else "bilinear",
+        )
+    import importlib
+
+    obj = getattr(importlib.import_module(kind), name)
+    torch = _require_torch()
+    model = obj if isinstance(obj, torch.nn.Module) else obj()
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{source!r} gave a {type(model).__name__}, not a torch.nn.Module.")
+    return model, default
+
+
+def add_export_parser(sub) -> None:
+    """The ``deepfeat export`` subcommand (called by :mod:`deepfeat.cli`)."""
+    p = sub.add_parser(
+        "export",
+        help="export a PyTorch model to ONNX with standard layer aliases (needs deepfeat[export])",
+        description=(
+            "SOURCE is a registered model made by export (efficientnet_lite0/1/2: written to "
+            "the user model cache and checked against its sha256), torchvision:NAME, "
+            "timm:NAME, or package.module:callable returning a torch.nn.Module."
+        ),
+    )
+    p.add_argument("source")
+    p.add_argument("-o", "--output", help="output .onnx (default: the user model cache for registered models)")
+    p.add_argument("--random-weights", action="store_true", help="do not load pretrained weights")
+    p.add_argument("--input-size", type=int, help="override the crop size")
+    p.add_argument("--resize-size", type=int, help="override the shorter side before cropping")
+    p.add_argument("--no-check", action="store_true", help="skip the ONNX-vs-PyTorch comparison")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    try:
+        return _cmd_export(args)
+    except ImportError as exc:
+        print(f"deepfeat: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _cmd_export(args) -> int:
+    from .registry import _REGISTRY, file_sha256, user_models_dir
+
+    spec = _REGISTRY.get(args.source)
+    if spec is not None:
+        out = Path(args.output) if args.output else user_models_dir() / spec.filename
+        path = export_registered(args.source, out)
+        digest = file_sha256(path)
+        ok = "matches the registry" if digest == spec.sha256 else f"DIFFERS from the registry's {spec.sha256}"
+        print(f"exported {args.source} -> {path} ({path.stat().st_size} bytes, sha256 {digest}: {ok})")
+        return 0 if digest == spec.sha256 else 1
+    model, prep = load_source(args.source, pretrained=not args.random_weights)
+    if args.input_size:
+        ratio = prep["resize_size"] / prep["input_size"]
+        prep["input_size"], prep["resize_size"] = args.input_size, round(args.input_size * ratio)
+    if args.resize_size:
+        prep["resize_size"] = args.resize_size
+    name = args.source.replace(":", "_").replace(".", "_")
+    out = Path(args.output or f"{name}.onnx")
+    weights = "random weights (not pretrained)" if args.random_weights else "pretrained weights"
+    res = export_model(model, out, **prep, description=f"{args.source}, {weights}",
+                       source=f"deepfeat export {args.source}", check=not args.no_check)
+    print(f"exported {args.source} ({weights}) -> {res.path} ({res.size_bytes} bytes, sha256 {res.sha256})")
+    print("preprocessing: " + ", ".join(f"{k}={v}" for k, v in res.preprocessing.items()))
+    print("aliases: " + ", ".join(f"{a}->{t}" for a, t in res.layers.items()))
+    if res.max_abs_diff:
+        worst = max(res.max_abs_diff.items(), key=lambda kv: kv[1])
+        print(f"checked against PyTorch on {len(res.max_abs_diff)} aliases: max |onnx - torch| = "
+              f"{worst[1]:.3g} ({worst[0]})")
+    return 0

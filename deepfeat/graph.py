@@ -244,4 +244,22 @@ def truncate(model: onnx.ModelProto, outputs: Iterable[str]) -> onnx.ModelProto:
     kept_vi = [vi for vi in g.value_info if vi.name in needed_inputs]
     del og.value_info[:]
     og.value_info.extend(kept_vi)
+    _prune_inputs_and_free_batch(og, g, needed_inputs)
     return out
+
+
+def _prune_inputs_and_free_batch(og, g, needed: set) -> None:
+    """Old (IR 3) files list every weight as a graph input: drop the dropped
+    weights too, or ONNX Runtime asks for them. Files exported with batch 1
+    (ONNX Model Zoo DenseNet) get a symbolic batch so any batch size runs."""
+    inits = {t.name for t in g.initializer}
+    kept = [i for i in g.input if i.name not in inits or i.name in needed]
+    del og.input[:]
+    og.input.extend(kept)
+    data = [i for i in og.input if i.name not in inits]
+    dims = [i.type.tensor_type.shape.dim for i in data]
+    if dims and len(dims[0]) == 4 and dims[0][0].dim_value == 1:
+        for vi in list(data) + list(og.output) + list(og.value_info):
+            d = vi.type.tensor_type.shape.dim
+            if len(d) >= 2 and d[0].dim_value == 1:
+                d[0].dim_param = "batch"  # clears dim_value (a oneof)

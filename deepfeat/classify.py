@@ -1,0 +1,532 @@
+"""Classical heads on image features: grid search, leaderboard, saved pipelines, prediction.
+
+The features are computed once (and cached by :class:`~deepfeat.ImageEmbedder`);
+each head is then grid-searched with stratified cross-validation on the feature
+matrix, which is exactly what a ``GridSearchCV`` over
+``Pipeline([("embed", ImageEmbedder()), ...head])`` computes, since the
+embedder learns nothing from the training folds. The winner is joined to the
+fitted embedder into one ``Pipeline`` that takes image paths.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from numbers import Integral
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator, clone
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import confusion_matrix
+from sklearn.model_selection import GridSearchCV, StratifiedKFold
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import Normalizer, StandardScaler
+from sklearn.svm import SVC, LinearSVC
+
+from .embedder import ImageEmbedder
+
+__all__ = [
+    "default_heads",
+    "compare_heads",
+    "format_leaderboard",
+    "stratified_cv",
+    "make_image_pipeline",
+    "confusion_table",
+    "save_model",
+    "load_model",
+    "predict_paths",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def default_heads(random_state: int = 0) -> dict[str, tuple[Pipeline, dict]]:
+    """The classical heads ``deepfeat classify`` compares, with their grids.
+
+    Each head is a ``Pipeline`` of a scaling step named ``"scale"`` (where the
+    model needs one) and a classifier named ``"clf"``, so grid keys read
+    ``"clf__C"``. The grids are small on purpose: on a few hundred images the
+    whole comparison takes seconds to tens of seconds on two cores.
+
+    =================  ===========================================  ============================
+    name               pipeline                                     grid
+    =================  ===========================================  ============================
+    ``logreg``         StandardScaler, LogisticRegression           C in 0.01, 0.1, 1, 10
+    ``linear_svm``     StandardScaler, LinearSVC                    C in 1e-4, 1e-3, 1e-2, 0.1
+    ``rbf_svm``        StandardScaler or Normalizer, SVC(rbf)       scaler x C in 1, 10, 100
+    ``random_forest``  RandomForestClassifier (200 trees)           max_features sqrt, log2
+    ``knn``            Normalizer, KNeighborsClassifier             k in 5, 9, 15 x weights
+    =================  ===========================================  ============================
+
+    Parameters
+    ----------
+    random_state : int, default=0
+        Seed of the heads that draw random numbers (random forest).
+
+    Returns
+    -------
+    dict of str to (Pipeline, dict)
+        A new dict of unfitted estimators on every call; change it freely.
+
+    Examples
+    --------
+    >>> from deepfeat.classify import default_heads
+    >>> heads = default_heads()
+    >>> list(heads)
+    ['logreg', 'linear_svm', 'rbf_svm', 'random_forest', 'knn']
+    >>> heads["logreg"][1]
+    {'clf__C': [0.01, 0.1, 1.0, 10.0]}
+    """
+    return {
+        "logreg": (
+            Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression(max_iter=5000))]),
+            {"clf__C": [0.01, 0.1, 1.0, 10.0]},
+        ),
+        "linear_svm": (
+            Pipeline([("scale", StandardScaler()), ("clf", LinearSVC(max_iter=20000))]),
+            {"clf__C": [1e-4, 1e-3, 1e-2, 0.1]},
+        ),
+        # gamma="scale" adapts to the feature scale; which scaler suits the
+        # rbf kernel depends on the layer, so the grid lets the data decide
+        "rbf_svm": (
+            Pipeline([("scale", StandardScaler()), ("clf", SVC(kernel="rbf"))]),
+            {"scale": [StandardScaler(), Normalizer()], "clf__C": [1.0, 10.0, 100.0]},
+        ),
+        "random_forest": (
+            Pipeline([("clf", RandomForestClassifier(n_estimators=200, random_state=random_state))]),
+            {"clf__max_features": ["sqrt", "log2"]},
+        ),
+        # unit-length rows make euclidean neighbours cosine neighbours, the
+        # usual metric for CNN features
+        "knn": (
+            Pipeline([("scale", Normalizer()), ("clf", KNeighborsClassifier())]),
+            {"clf__n_neighbors": [5, 9, 15], "clf__weights": ["uniform", "distance"]},
+        ),
+    }
+
+
+def stratified_cv(y, cv: int = 5, random_state: int | None = 0) -> StratifiedKFold:
+    """A shuffled ``StratifiedKFold`` with as many folds as the rarest class allows.
+
+    Parameters
+    ----------
+    y : array-like of shape (n_samples,)
+        Class labels.
+    cv : int, default=5
+        Folds wanted; lowered to the size of the smallest class.
+    random_state : int or None, default=0
+        Seed of the shuffle.
+
+    Returns
+    -------
+    sklearn.model_selection.StratifiedKFold
+
+    Raises
+    ------
+    ValueError
+        If there are fewer than two classes, or a class has a single sample.
+
+    Examples
+    --------
+    >>> from deepfeat.classify import stratified_cv
+    >>> stratified_cv(["a"] * 3 + ["b"] * 10, cv=5).get_n_splits()
+    3
+    """
+    if not isinstance(cv, Integral) or cv < 2:
+        raise ValueError(f"cv must be an integer >= 2 (the number of folds); got {cv!r}.")
+    counts = pd.Series(np.asarray(y)).value_counts()
+    if len(counts) < 2:
+        raise ValueError(
+            f"Classification needs at least 2 classes; got {len(counts)} ({list(counts.index)!r}). "
+            "Check the labels (for a folder: one sub-folder per class)."
+        )
+    n_splits = min(int(cv), int(counts.min()))
+    if n_splits < 2:
+        rare = list(counts[counts < 2].index)
+        raise ValueError(
+            f"Every class needs at least 2 samples for cross-validation; {rare!r} has 1. "
+            "Add images of that class or drop it."
+        )
+    if n_splits < cv:
+        logger.warning("using %d CV folds instead of %d: the smallest class has %d samples", n_splits, cv, n_splits)
+    return StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=random_state)
+
+
+def _check_heads(heads) -> dict[str, tuple[BaseEstimator, Any]]:
+    if heads is None:
+        return default_heads()
+    if not isinstance(heads, Mapping) or not heads:
+        raise ValueError(
+            "heads must be a non-empty dict of name -> (estimator, param_grid) or name -> estimator; "
+            f"got {heads!r}. Start from deepfeat.classify.default_heads()."
+        )
+    out = {}
+    for name, head in heads.items():
+        if isinstance(head, tuple) and len(head) == 2:
+            est, grid = head
+        else:
+            est, grid = head, {}
+        if not hasattr(est, "fit"):
+            raise ValueError(f"Head {name!r} is {est!r}, which has no fit method; give an estimator.")
+        out[str(name)] = (est, grid if grid is not None else {})
+    return out
+
+
+def compare_heads(
+    X,
+    y,
+    heads: Mapping[str, Any] | None = None,
+    *,
+    cv: int | Any = 5,
+    scoring: str = "accuracy",
+    n_jobs: int | None = None,
+    random_state: int | None = 0,
+    refit: bool = True,
+) -> pd.DataFrame:
+    """Grid-search several heads on one feature matrix and rank them.
+
+    Every head is searched with the same stratified folds, so the scores are
+    comparable. The table is a leaderboard: best mean score first.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+        Features, e.g. ``ImageEmbedder().fit_transform(paths)``. Rows with NaN
+        (images that failed with ``on_error="skip"``) must be dropped first.
+    y : array-like of shape (n_samples,)
+        Class labels.
+    heads : dict, optional
+        ``name -> (estimator, param_grid)`` or ``name -> estimator`` (no
+        grid). ``None`` uses :func:`default_heads`.
+    cv : int or CV splitter, default=5
+        Number of stratified, shuffled folds (lowered to the smallest class
+        size), or any scikit-learn splitter.
+    scoring : str, default="accuracy"
+        A scikit-learn scorer name (``"balanced_accuracy"``, ``"f1_macro"``...).
+    n_jobs : int or None, default=None
+        Parallel fits inside each grid search (``-1``: all cores).
+    random_state : int or None, default=0
+        Seed of the fold shuffle.
+    refit : bool, default=True
+        Refit each head's best parameters on all of ``X`` (column
+        ``estimator``); ``False`` leaves that column empty and is faster.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per head, best first, indexed by rank (1 = best), with columns
+        ``head``, ``mean_test_score``, ``std_test_score`` (over the folds, for
+        the head's best parameters), ``mean_fit_time`` (seconds per fit, same
+        candidate), ``search_time`` (seconds for the whole grid), ``params``
+        (best parameters) and ``estimator`` (the refitted best estimator, or
+        None). ``df.attrs`` holds ``scoring`` and ``n_splits``.
+
+    See Also
+    --------
+    default_heads : the heads compared when none are given.
+    make_image_pipeline : join the winner to the embedder.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_iris
+    >>> from deepfeat.classify import compare_heads, default_heads
+    >>> X, y = load_iris(return_X_y=True)
+    >>> heads = {k: v for k, v in default_heads().items() if k in ("logreg", "knn")}
+    >>> board = compare_heads(X, y, heads, cv=3)
+    >>> board[["head", "mean_test_score"]].round(2).to_dict("list")
+    {'head': ['knn', 'logreg'], 'mean_test_score': [0.98, 0.97]}
+    >>> board.loc[1, "estimator"].predict(X[:1])
+    array([0])
+    """
+    X = np.asarray(X)
+    y = np.asarray(y)
+    if X.ndim != 2:
+        raise ValueError(f"X must be a 2-D feature matrix; got shape {X.shape}.")
+    if len(X) != len(y):
+        raise ValueError(f"X has {len(X)} rows but y has {len(y)} labels; they must match.")
+    if np.issubdtype(X.dtype, np.floating) and np.isnan(X).any():
+        bad = np.flatnonzero(np.isnan(X).any(axis=1))
+        raise ValueError(
+            f"X has NaN in {len(bad)} rows (first: {bad[:5].tolist()}), usually images that failed to "
+            "decode with on_error='skip'. Drop them first: keep = ~np.isnan(X).any(axis=1)."
+        )
+    splitter = stratified_cv(y, cv, random_state) if isinstance(cv, Integral) else cv
+    rows = []
+    for name, (est, grid) in _check_heads(heads).items():
+        search = GridSearchCV(clone(est), grid, scoring=scoring, cv=splitter, n_jobs=n_jobs, refit=refit)
+        t0 = time.perf_counter()
+        search.fit(X, y)
+        elapsed = time.perf_counter() - t0
+        best = search.best_index_
+        res = search.cv_results_
+        rows.append(
+            {
+                "head": name,
+                "mean_test_score": float(res["mean_test_score"][best]),
+                "std_test_score": float(res["std_test_score"][best]),
+                "mean_fit_time": float(res["mean_fit_time"][best]),
+                "search_time": elapsed,
+                "params": search.best_params_,
+                "estimator": search.best_estimator_ if refit else None,
+            }
+        )
+        logger.info("%s: %s %.4f (%s) in %.1f s", name, scoring, rows[-1]["mean_test_score"], search.best_params_, elapsed)
+    board = pd.DataFrame(rows)
+    # ties go to the steadier, then the cheaper head
+    board = board.sort_values(
+        ["mean_test_score", "std_test_score", "mean_fit_time"], ascending=[False, True, True], kind="stable"
+    ).reset_index(drop=True)
+    board.index = pd.RangeIndex(1, len(board) + 1, name="rank")
+    board.attrs.update(scoring=scoring, n_splits=splitter.get_n_splits(X, y))
+    return board
+
+
+def format_leaderboard(board: pd.DataFrame) -> str:
+    """Render :func:`compare_heads` output as a plain-text table.
+
+    Parameters
+    ----------
+    board : pandas.DataFrame
+        The leaderboard.
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from deepfeat.classify import format_leaderboard
+    >>> board = pd.DataFrame({"head": ["logreg"], "mean_test_score": [0.9512], "std_test_score": [0.02],
+    ...                       "mean_fit_time": [0.31], "params": [{"clf__C": 0.1}]},
+    ...                      index=pd.RangeIndex(1, 2, name="rank"))
+    >>> print(format_leaderboard(board))
+    rank  head    accuracy       fit time  best parameters
+       1  logreg  0.951 ± 0.020  0.31 s    clf__C=0.1
+    """
+    metric = board.attrs.get("scoring", "accuracy")
+    table = pd.DataFrame(
+        {
+            "rank": board.index,
+            "head": board["head"].to_numpy(),
+            metric: [f"{m:.3f} ± {s:.3f}" for m, s in zip(board["mean_test_score"], board["std_test_score"])],
+            "fit time": [f"{t:.2f} s" for t in board["mean_fit_time"]],
+            "best parameters": [_format_params(p) for p in board["params"]],
+        }
+    )
+    lines = []
+    widths = {c: max(len(str(c)), *(len(str(v)) for v in table[c])) for c in table.columns}
+    lines.append("  ".join(str(c).ljust(widths[c]) if c != "rank" else str(c) for c in table.columns).rstrip())
+    for _, row in table.iterrows():
+        cells = [str(row["rank"]).rjust(widths["rank"])]
+        cells += [str(row[c]).ljust(widths[c]) for c in table.columns[1:]]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _format_params(params: Mapping[str, Any]) -> str:
+    def short(v):
+        if isinstance(v, BaseEstimator):
+            return type(v).__name__
+        return repr(v) if isinstance(v, str) else str(v)
+
+    return ", ".join(f"{k}={short(v)}" for k, v in params.items())
+
+
+def make_image_pipeline(embedder: ImageEmbedder, head: BaseEstimator) -> Pipeline:
+    """Join a fitted embedder and a head fitted on its features into one Pipeline.
+
+    The result takes image paths (or anything the embedder takes) in
+    ``predict``; since the embedder learns nothing from data, it equals a
+    ``Pipeline`` fitted end to end. A head that is itself a ``Pipeline`` is
+    flattened, so the steps are ``embed``, then the head's own.
+
+    Parameters
+    ----------
+    embedder : ImageEmbedder
+        Fitted.
+    head : estimator
+        Fitted on ``embedder.transform(...)`` output.
+
+    Returns
+    -------
+    sklearn.pipeline.Pipeline
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_sample_images
+    >>> from sklearn.linear_model import LogisticRegression
+    >>> from deepfeat import ImageEmbedder
+    >>> from deepfeat.classify import make_image_pipeline
+    >>> photos = list(load_sample_images().images)
+    >>> emb = ImageEmbedder(progress=False).fit()
+    >>> head = LogisticRegression().fit(emb.transform(photos), ["china", "flower"])
+    >>> pipe = make_image_pipeline(emb, head)
+    >>> [name for name, _ in pipe.steps], pipe.predict(photos).tolist()
+    (['embed', 'clf'], ['china', 'flower'])
+    """
+    if not isinstance(embedder, ImageEmbedder) or not hasattr(embedder, "layers_"):
+        raise ValueError(f"embedder must be a fitted ImageEmbedder; got {embedder!r}. Call .fit() first.")
+    steps = list(head.steps) if isinstance(head, Pipeline) else [("clf", head)]
+    if any(name == "embed" for name, _ in steps):
+        raise ValueError("The head already has a step named 'embed'; rename it.")
+    return Pipeline([("embed", embedder)] + steps)
+
+
+def confusion_table(y_true, y_pred, labels: Sequence | None = None) -> pd.DataFrame:
+    """Confusion matrix as a labelled DataFrame (rows: true class, columns: predicted).
+
+    Parameters
+    ----------
+    y_true, y_pred : array-like of shape (n_samples,)
+        True and predicted labels.
+    labels : sequence, optional
+        Class order; default: sorted union of both.
+
+    Returns
+    -------
+    pandas.DataFrame
+
+    Examples
+    --------
+    >>> from deepfeat.classify import confusion_table
+    >>> cm = confusion_table(["ant", "bee", "bee"], ["ant", "ant", "bee"])
+    >>> cm.to_dict("index")  # rows: true class
+    {'ant': {'ant': 1, 'bee': 0}, 'bee': {'ant': 1, 'bee': 1}}
+    """
+    if labels is None:
+        labels = np.unique(np.concatenate([np.asarray(y_true), np.asarray(y_pred)]))
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    return pd.DataFrame(
+        cm, index=pd.Index(labels, name="true"), columns=pd.Index(labels, name="predicted")
+    )
+
+
+def save_model(pipeline: Pipeline, path: str | os.PathLike) -> None:
+    """Save an image pipeline with joblib (the ONNX Runtime session is not saved).
+
+    Parameters
+    ----------
+    pipeline : Pipeline
+        From :func:`make_image_pipeline` (or any fitted Pipeline whose first
+        step is an :class:`ImageEmbedder`).
+    path : str or path-like
+        Target file, usually ``*.joblib``; parent folders are created.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> from sklearn.datasets import load_sample_images
+    >>> from sklearn.linear_model import LogisticRegression
+    >>> from deepfeat import ImageEmbedder
+    >>> from deepfeat.classify import load_model, make_image_pipeline, save_model
+    >>> photos = list(load_sample_images().images)
+    >>> emb = ImageEmbedder(progress=False).fit()
+    >>> pipe = make_image_pipeline(emb, LogisticRegression().fit(emb.transform(photos), [0, 1]))
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "model.joblib"
+    >>> save_model(pipe, path)
+    >>> load_model(path).predict(photos).tolist()
+    [0, 1]
+    """
+    import joblib
+
+    _check_image_pipeline(pipeline, "pipeline")
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    joblib.dump(pipeline, path)
+
+
+def load_model(path: str | os.PathLike) -> Pipeline:
+    """Load a pipeline saved by :func:`save_model` or ``deepfeat classify``.
+
+    joblib files are pickles: load only files you trust.
+
+    Parameters
+    ----------
+    path : str or path-like
+
+    Returns
+    -------
+    Pipeline
+        First step an :class:`ImageEmbedder`; its session is opened on first use.
+
+    Examples
+    --------
+    See :func:`save_model`.
+    """
+    import joblib
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No saved model at {path!r}; create one with `deepfeat classify TRAIN -o {path}`.")
+    obj = joblib.load(path)
+    _check_image_pipeline(obj, path)
+    return obj
+
+
+def _check_image_pipeline(obj, where: str) -> None:
+    if not (isinstance(obj, Pipeline) and isinstance(obj.steps[0][1], ImageEmbedder)):
+        raise ValueError(
+            f"{where!r} is not an image pipeline: expected a scikit-learn Pipeline whose first step is an "
+            f"ImageEmbedder, got {type(obj).__name__}. Build one with deepfeat.classify.make_image_pipeline."
+        )
+
+
+def predict_paths(pipeline: Pipeline, paths: Sequence) -> pd.DataFrame:
+    """Predict a class for each image, keeping going past unreadable files.
+
+    Parameters
+    ----------
+    pipeline : Pipeline
+        An image pipeline (:func:`load_model`, :func:`make_image_pipeline`).
+    paths : sequence
+        Image paths (or anything the embedder takes).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per input, in order: ``path``, ``prediction`` (missing where
+        the image could not be read), ``probability`` of the predicted class
+        (NaN when the head has no ``predict_proba``) and ``error`` (the reason
+        an image failed, else missing). Test with ``pandas.isna``.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_sample_images
+    >>> from sklearn.linear_model import LogisticRegression
+    >>> from deepfeat import ImageEmbedder
+    >>> from deepfeat.classify import make_image_pipeline, predict_paths
+    >>> photos = list(load_sample_images().images)
+    >>> emb = ImageEmbedder(progress=False).fit()
+    >>> pipe = make_image_pipeline(emb, LogisticRegression().fit(emb.transform(photos), ["china", "flower"]))
+    >>> predict_paths(pipe, photos)["prediction"].tolist()
+    ['china', 'flower']
+    """
+    _check_image_pipeline(pipeline, "pipeline")
+    items = list(paths)
+    # a shallow copy (same session) with on_error="skip": one bad file must
+    # not stop the batch, and the caller's pipeline stays as it was
+    embedder = copy.copy(pipeline.steps[0][1]).set_params(on_error="skip")
+    X = embedder.transform(items)
+    ok = ~np.isnan(X).any(axis=1)
+    rest = pipeline[1:]
+    pred = np.full(len(items), None, dtype=object)
+    prob = np.full(len(items), np.nan)
+    if ok.any():
+        pred[ok] = rest.predict(X[ok])
+        if hasattr(rest, "predict_proba"):
+            proba = rest.predict_proba(X[ok])
+            prob[ok] = proba.max(axis=1)
+    errors = np.full(len(items), None, dtype=object)
+    for pos, reason in zip(embedder.failures_["position"], embedder.failures_["reason"]):
+        errors[int(pos)] = reason
+    return pd.DataFrame(
+        {"path": [str(p) if isinstance(p, (str, os.PathLike)) else f"<{type(p).__name__}>" for p in items],
+         "prediction": pred, "probability": prob, "error": errors}
+    )

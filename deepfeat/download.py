@@ -1,0 +1,319 @@
+"""Get a registered model file that is not on disk: download it, or export it.
+
+Downloads go to the user cache (:func:`deepfeat.registry.user_models_dir`)
+through a ``.part`` file: an interrupted transfer is resumed with an HTTP
+``Range`` request, failures are retried with exponential backoff, the sha256
+is checked before the file gets its final name (``os.replace``, atomic on one
+file system), so a reader never sees a half-written or wrong model. Entries
+without a URL whose file is produced by ``deepfeat export`` (EfficientNet-Lite1
+and -Lite2) are exported on demand when PyTorch is installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import importlib.util
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+from .registry import ModelFileError, ModelSpec, file_sha256, user_models_dir
+
+__all__ = ["fetch_model", "download_file", "ModelDownloadError", "NoNetworkError"]
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+#: HTTP statuses worth another try (the server may recover); others are final
+_RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+
+
+class ModelDownloadError(ModelFileError):
+    """A model file could not be downloaded (HTTP error, or a wrong sha256)."""
+
+
+class NoNetworkError(ModelDownloadError):
+    """The server could not be reached at all (offline, DNS, refused, timeout)."""
+
+
+def fetch_model(
+    spec: ModelSpec,
+    *,
+    dest_dir: str | os.PathLike | None = None,
+    retries: int = 4,
+    backoff: float = 1.0,
+    timeout: float = 60.0,
+) -> Path:
+    """Put the file of a registered model into the user cache and return its path.
+
+    Called by :func:`deepfeat.registry.resolve_model` when the file is in
+    none of :func:`deepfeat.registry.models_dirs`. A spec with a ``url`` is
+    downloaded; a spec with an ``exporter`` is exported with PyTorch.
+
+    Parameters
+    ----------
+    spec : ModelSpec
+        The registered model; ``spec.sha256`` is checked.
+    dest_dir : path, optional
+        Directory to write to (default: the user cache directory).
+    retries : int
+        Further attempts after a failed one (5xx, truncated transfers); each
+        resumes the ``.part`` file. A server that cannot be reached at all is
+        tried once more only.
+    backoff : float
+        Seconds before the first retry, doubled for each further one.
+    timeout : float
+        Socket timeout in seconds for connecting and for each read.
+
+    Returns
+    -------
+    pathlib.Path
+        The checked file.
+
+    Raises
+    ------
+    NoNetworkError
+        The server cannot be reached; the message says where to put the file.
+    ModelDownloadError
+        The server refused the file, or what arrived has the wrong sha256.
+
+    Examples
+    --------
+    >>> from deepfeat.registry import get_model_spec
+    >>> spec = get_model_spec("resnet50")
+    >>> path = fetch_model(spec)  # doctest: +SKIP
+    """
+    dest_dir = Path(dest_dir) if dest_dir is not None else user_models_dir()
+    dest = dest_dir / spec.filename
+    if spec.url:
+        return download_file(
+            spec.url, dest, sha256=spec.sha256, size=spec.size_bytes,
+            retries=retries, backoff=backoff, timeout=timeout,
+        )
+    if spec.exporter:
+        return _export_on_demand(spec, dest)
+    raise ModelFileError(
+        f"The file {spec.filename!r} of model {spec.name!r} is missing and cannot be "
+        f"downloaded. Put it at {dest} or in a folder named by $DEEPFEAT_MODELS "
+        "(or reinstall deepfeat)."
+    )
+
+
+def download_file(
+    url: str,
+    dest: str | os.PathLike,
+    *,
+    sha256: str | None,
+    size: int | None = None,
+    retries: int = 4,
+    backoff: float = 1.0,
+    timeout: float = 60.0,
+) -> Path:
+    """Download ``url`` to ``dest`` atomically, resuming and checking sha256.
+
+    Bytes go to ``dest + ".part"``; a ``.part`` left by an earlier, interrupted
+    run (or attempt) is continued with an HTTP ``Range`` request when the
+    server supports it. Only a file whose sha256 matches gets the name ``dest``;
+    a mismatch deletes the ``.part`` file and raises.
+
+    Parameters
+    ----------
+    url : str
+        ``http(s)://`` or ``file://`` URL.
+    dest : path
+        Final path of the file; its folder is created.
+    sha256 : str or None
+        Expected hex digest. ``None`` skips the check (not used for registry files).
+    size : int, optional
+        Expected size in bytes, for the progress bar and an early error.
+    retries, backoff, timeout
+        As in :func:`fetch_model`.
+
+    Returns
+    -------
+    pathlib.Path
+        ``dest``.
+
+    Examples
+    --------
+    >>> import pathlib, tempfile
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (d / "src.bin").write_bytes(b"model bytes")
+    >>> out = download_file((d / "src.bin").as_uri(), d / "copy.bin", sha256=None)
+    >>> out.read_bytes()
+    b'model bytes'
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    with _locked(dest.with_name(dest.name + ".lock")):
+        # another process may have finished the same download while we waited
+        if dest.is_file() and (sha256 is None or file_sha256(dest) == sha256):
+            return dest
+        attempt = 0
+        while True:
+            try:
+                _transfer(url, part, size=size, timeout=timeout)
+                break
+            except _Retryable as exc:
+                # an unreachable server (offline, DNS) rarely recovers in seconds: one retry
+                if attempt >= (min(retries, 1) if exc.offline else retries):
+                    if exc.offline:
+                        raise NoNetworkError(
+                            f"no network: put the file at {dest} or set DEEPFEAT_MODELS "
+                            f"to a folder holding {dest.name} (download of {url} failed "
+                            f"{attempt + 1} times: {exc})"
+                        ) from exc.__cause__
+                    raise ModelDownloadError(
+                        f"Downloading {url} failed {attempt + 1} times ({exc}). "
+                        f"{_bytes(part)} bytes are kept in {part}; run again to resume, "
+                        f"or put the file at {dest}."
+                    ) from exc.__cause__
+                delay = backoff * 2**attempt
+                logger.warning("download of %s failed (%s); retry %d of %d in %.1f s",
+                               url, exc, attempt + 1, retries, delay)
+                time.sleep(delay)
+                attempt += 1
+        got = file_sha256(part)
+        if sha256 is not None and got != sha256:
+            n = _bytes(part)
+            part.unlink()
+            raise ModelDownloadError(
+                f"Downloaded {url} ({n} bytes) has sha256 {got}, expected {sha256}; "
+                "the file was deleted. The server sent a different or corrupted file: "
+                f"try again later, or put the right file at {dest}."
+            )
+        os.replace(part, dest)
+    logger.info("downloaded %s -> %s", url, dest)
+    return dest
+
+
+class _Retryable(Exception):
+    def __init__(self, message: str, offline: bool = False):
+        super().__init__(message)
+        self.offline = offline
+
+
+def _transfer(url: str, part: Path, *, size: int | None, timeout: float) -> None:
+    """One attempt: append the missing bytes to ``part``. Raises ``_Retryable``."""
+    have = _bytes(part)
+    if size is not None and have == size:
+        return  # complete from an earlier run; the caller checks the hash
+    if size is not None and have > size:
+        part.unlink()
+        have = 0
+    req = urllib.request.Request(url, headers={"User-Agent": "deepfeat"})
+    if have and url.startswith(("http://", "https://")):
+        req.add_header("Range", f"bytes={have}-")
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:
+            # the range starts at or past the end: start over rather than guess
+            part.unlink()
+            raise _Retryable(f"HTTP 416 resuming at byte {have}; restarting") from exc
+        if exc.code in _RETRY_STATUS:
+            raise _Retryable(f"HTTP {exc.code} {exc.reason}") from exc
+        raise ModelDownloadError(
+            f"Downloading {url} failed: HTTP {exc.code} {exc.reason}. The address may "
+            f"have moved; put the file at {part.with_suffix('')} instead."
+        ) from exc
+    except urllib.error.URLError as exc:
+        # DNS failure, refused connection, no route: the network is unusable
+        raise _Retryable(f"cannot reach the server: {exc.reason}", offline=True) from exc
+    except (TimeoutError, ConnectionError, http.client.HTTPException) as exc:
+        raise _Retryable(f"cannot reach the server: {exc!r}", offline=True) from exc
+    with resp:
+        status = getattr(resp, "status", 200)
+        mode = "ab" if (have and status == 206) else "wb"
+        if have and mode == "wb":
+            logger.info("server ignored the Range request; downloading %s from the start", url)
+        total = _total_size(resp, have if mode == "ab" else 0, size)
+        start = have if mode == "ab" else 0
+        try:
+            with open(part, mode) as f, _progress(total, start, part.name) as bar:
+                for chunk in iter(lambda: resp.read(_CHUNK), b""):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+                f.flush()
+                os.fsync(f.fileno())
+        except (http.client.HTTPException, ConnectionError, TimeoutError) as exc:
+            # other OSErrors (disk full, permissions) are not the network's: they propagate
+            raise _Retryable(f"connection lost after {_bytes(part)} bytes: {exc!r}") from exc
+    got = _bytes(part)
+    if total is not None and got < total:
+        raise _Retryable(f"connection closed after {got} of {total} bytes")
+
+
+def _total_size(resp, offset: int, size: int | None) -> int | None:
+    length = resp.headers.get("Content-Length")
+    if length is not None and length.isdigit():
+        return offset + int(length)
+    return size
+
+
+def _bytes(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+@contextlib.contextmanager
+def _progress(total: int | None, initial: int, name: str) -> Iterator:
+    from tqdm.auto import tqdm
+
+    # tqdm disables itself when stderr is not a terminal (disable=None)
+    with tqdm(total=total, initial=initial, unit="B", unit_scale=True, desc=name,
+              disable=None, leave=False) as bar:
+        yield bar
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    """Serialise downloads of one file across processes (POSIX ``flock``)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no cross-process lock
+        yield
+        return
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _export_on_demand(spec: ModelSpec, dest: Path) -> Path:
+    from .export import export_registered  # imports torch only when called
+
+    if importlib.util.find_spec("torch") is None:
+        raise ModelFileError(
+            f"Model {spec.name!r} is not shipped: its file is made from PyTorch weights "
+            f"by `deepfeat export {spec.name}`, which needs pip install 'deepfeat[export]'. "
+            f"Or put {spec.filename} at {dest} or in a folder named by $DEEPFEAT_MODELS."
+        )
+    logger.warning("%s is not on disk; exporting it from PyTorch to %s (once)", spec.name, dest)
+    try:
+        path = export_registered(spec.name, dest)
+    except ImportError as exc:  # e.g. the weight package is missing
+        raise ModelFileError(
+            f"{exc} Or put {spec.filename} at {dest} or in a folder named by $DEEPFEAT_MODELS."
+        ) from exc
+    digest = file_sha256(path)
+    if spec.sha256 is not None and digest != spec.sha256:
+        bad = path.with_name(path.name + ".mismatch")
+        os.replace(path, bad)
+        raise ModelFileError(
+            f"Exporting {spec.name!r} gave sha256 {digest}, but the registry expects "
+            f"{spec.sha256}. Different versions of torch/onnx produce different bytes: "
+            f"install the pinned ones (pip install 'deepfeat[export]'); the export was "
+            f"kept at {bad} for inspection."
+        )
+    return path

