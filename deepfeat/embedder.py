@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -23,7 +24,7 @@ from . import graph
 from .cache import KEY_MODES, cached_compute, feature_fingerprint, open_cache, resolve_cache_dir
 from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, describe, load_image, preprocess
 from .pooling import POOLINGS, pool, pooled_dim
-from .registry import DEFAULT_MODEL, file_sha256, resolve_model
+from .registry import DEFAULT_MODEL, ModelFileError, file_sha256, resolve_model
 from .runtime import Runner
 
 __all__ = ["ImageEmbedder"]
@@ -31,7 +32,7 @@ __all__ = ["ImageEmbedder"]
 logger = logging.getLogger(__name__)
 
 #: bump when a change alters the vectors produced for the same image and settings
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2
 
 
 class ImageEmbedder(TransformerMixin, BaseEstimator):
@@ -75,6 +76,11 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         ``None`` uses one per core, up to 4 on CPU, all cores on a GPU.
     max_pixels : int or None, default=178956970
         Images with more pixels are refused (decompression-bomb guard).
+    jpeg_draft : bool, default=True
+        Decode JPEGs at least twice the model's resize size at reduced scale
+        (DCT scaling; see :func:`deepfeat.images.load_image`): several times
+        faster on camera photos, within the tolerance reported in
+        ``benchmarks/RESULTS.md``. ``False`` decodes every pixel.
     preprocessing : dict or None, default=None
         Overrides of the model's preprocessing (``input_size``,
         ``resize_size``, ``mean``, ``std`` on the 0..255 scale,
@@ -149,6 +155,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         "progress": ["boolean"],
         "n_jobs": [Interval(Integral, 1, None, closed="left"), None],
         "max_pixels": [Interval(Integral, 1, None, closed="left"), None],
+        "jpeg_draft": ["boolean"],
         "preprocessing": [dict, None],
         "cache": ["boolean", str, os.PathLike, None],
         "cache_key": [StrOptions(set(KEY_MODES))],
@@ -167,6 +174,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         progress: bool = True,
         n_jobs: int | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        jpeg_draft: bool = True,
         preprocessing: dict | None = None,
         cache: bool | str | os.PathLike | None = None,
         cache_key: str = "content",
@@ -182,6 +190,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         self.progress = progress
         self.n_jobs = n_jobs
         self.max_pixels = max_pixels
+        self.jpeg_draft = jpeg_draft
         self.preprocessing = preprocessing
         self.cache = cache
         self.cache_key = cache_key
@@ -200,17 +209,24 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
             ratio = spec.resize_size / spec.input_size
             spec = replace(spec, input_size=self.image_size, resize_size=round(self.image_size * ratio))
         proto = graph.load_onnx(path)
-        self.layers_ = graph.resolve_layers(proto, self.layers or spec.default_layer, spec.layers)
+        layers = spec.default_layer if self.layers is None else self.layers
+        self.layers_ = graph.resolve_layers(proto, layers, spec.layers)
         self.spec_ = spec
         self.model_path_ = Path(path)
         self.model_sha256_ = spec.sha256 or file_sha256(path)
         self._build_runner(proto)
         probe = self._runner.run(np.zeros((1, 3, spec.input_size, spec.input_size), np.float32))
+        for (label, tensor), p in zip(self.layers_, probe):
+            if p.ndim not in (2, 4):
+                raise graph.LayerError(
+                    f"Layer {label!r} (tensor {tensor!r}) has shape {p.shape}; only (n, c, h, w) feature maps "
+                    "and (n, d) vectors can be embedded. Pick another layer from deepfeat.list_layers(model)."
+                )
         self.output_shapes_ = [tuple(p.shape[1:]) for p in probe]
         self.output_dims_ = [pooled_dim(p.shape, self.pooling) for p in probe]
         self.n_features_out_ = int(sum(self.output_dims_))
-        self.providers_ = self._runner.providers
         self.failures_ = _empty_failures()
+        self._fitted_params = self._vector_params()
         self.cache_dir_ = resolve_cache_dir(self.cache)
         self.cache_fingerprint_ = feature_fingerprint(self._cache_parts())
         self.cache_stats_ = dict.fromkeys(("hits", "misses", "computed", "shared", "uncacheable"), 0)
@@ -232,19 +248,57 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
             "mean": [float(v) for v in s.mean],
             "std": [float(v) for v in s.std],
             "channel_order": s.channel_order,
+            "jpeg_draft": bool(self.jpeg_draft),
             "dims": [int(d) for d in self.output_dims_],
         }
 
+    def _vector_params(self) -> dict:
+        """The parameters that ``fit`` resolved into the session, the layers or the cache key."""
+        keys = ("model", "layers", "pooling", "image_size", "preprocessing", "jpeg_draft", "cache", "cache_key")
+        return copy.deepcopy({k: getattr(self, k) for k in keys})
+
+    def _check_unchanged_since_fit(self) -> None:
+        fitted = getattr(self, "_fitted_params", None)
+        current = self._vector_params()
+        if fitted is not None and fitted != current:
+            changed = sorted(k for k in current if current[k] != fitted.get(k))
+            raise ValueError(
+                f"ImageEmbedder parameters {changed} changed since fit; call fit() again before transform "
+                "(fit resolves them into the model session and the cache key)."
+            )
+
     def _build_runner(self, proto=None) -> Runner:
         if proto is None:
-            proto = graph.load_onnx(self.model_path_)
+            proto = graph.load_onnx(self._verified_model_path())
         cut = graph.truncate(proto, [t for _, t in self.layers_])
         self._runner = Runner.from_model(cut.SerializeToString(), self.providers, strict=self.strict_providers)
+        self._runner_key = copy.deepcopy((self.providers, self.strict_providers))
+        # on an unpickled embedder this is the machine it runs on now
+        self.providers_ = self._runner.providers
         return self._runner
+
+    def _verified_model_path(self) -> Path:
+        """The fitted model file, found again and checked when the session is rebuilt
+        (after unpickling, possibly on another machine)."""
+        path = self.model_path_
+        if path.is_file() and file_sha256(path) == self.model_sha256_:
+            return path
+        found, _ = resolve_model(self.model, **dict(self.preprocessing or {}))
+        digest = file_sha256(found)
+        if digest != self.model_sha256_:
+            raise ModelFileError(
+                f"The model file {found} has sha256 {digest}, but this embedder was fitted with "
+                f"{self.model_sha256_} ({path}). Refit the embedder, or restore the original file."
+            )
+        self.model_path_ = Path(found)
+        return self.model_path_
 
     def _get_runner(self) -> Runner:
         runner = getattr(self, "_runner", None)
-        return runner if runner is not None else self._build_runner()
+        if runner is None or getattr(self, "_runner_key", None) != (self.providers, self.strict_providers):
+            # no session yet (unpickled), or providers changed with set_params: (re)build it
+            return self._build_runner()
+        return runner
 
     # ------------------------------------------------------------ transform
     def transform(self, X) -> np.ndarray:
@@ -261,6 +315,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         ndarray of shape (n_images, n_features_out_), float32
         """
         check_is_fitted(self, "layers_")
+        self._check_unchanged_since_fit()
         items = _as_items(X)
         out = np.empty((len(items), self.n_features_out_), dtype=np.float32)
         failures: list[tuple[int, str, str]] = []
@@ -307,7 +362,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
 
     def _decode(self, item) -> np.ndarray:
         s = self.spec_
-        img = load_image(item, max_pixels=self.max_pixels)
+        img = load_image(item, max_pixels=self.max_pixels, draft_side=s.resize_size if self.jpeg_draft else None)
         x = preprocess(
             img, input_size=s.input_size, resize_size=s.resize_size,
             mean=s.mean, std=s.std, interpolation=s.interpolation,
@@ -329,16 +384,23 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         """Yield ``(row positions, NCHW batch)``, decoding the next batch while
         the caller runs the network on this one."""
         n = len(items)
-        bs = self.batch_size
-        starts = range(0, n, bs)
         workers = self.n_jobs or _default_decode_threads(self._get_runner().on_device)
         bar = _progress(n, self.progress)
+        try:
+            yield from self._stream_batches(items, workers, bar, failures)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _stream_batches(self, items: list, workers: int, bar, failures: list):
+        n = len(items)
+        bs = self.batch_size
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deepfeat-decode") as pool_:
             def submit(start):
                 return [pool_.submit(self._decode_safe, items[i]) for i in range(start, min(start + bs, n))]
 
             pending = submit(0) if n else []
-            for start in starts:
+            for start in range(0, n, bs):
                 current = pending
                 nxt = start + bs
                 pending = submit(nxt) if nxt < n else []
@@ -360,8 +422,6 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
                     yield np.asarray(positions), np.stack(arrays)
                 if bar is not None:
                     bar.update(len(current))
-        if bar is not None:
-            bar.close()
 
     # --------------------------------------------------------- sklearn glue
     def get_feature_names_out(self, input_features=None) -> np.ndarray:

@@ -175,6 +175,11 @@ def resolve_layers(
                 f"Layer {layer!r} is not in the model. Valid aliases: {valid}; any tensor "
                 "name from deepfeat.list_layers(model) also works."
             )
+        twin = next((label for label, t in resolved if t == tensor), None)
+        if twin is not None:
+            raise LayerError(
+                f"Layers {twin!r} and {layer!r} are the same tensor {tensor!r}; ask for it once."
+            )
         resolved.append((layer, tensor))
     return resolved
 

@@ -61,7 +61,8 @@ def test_accepts_every_input_kind(tiny, photo_folder, sample_photos):
     root, df = photo_folder
     paths = df["path"].tolist()[:3]
     arrays = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
-    emb = tiny.fit()
+    # exact equality needs every pixel decoded: JPEG draft mode applies to files only
+    emb = clone(tiny).set_params(jpeg_draft=False).fit()
     ref = emb.transform(paths)
     assert ref.dtype == np.float32 and ref.shape == (3, 8)
     from pathlib import Path
@@ -184,3 +185,47 @@ def test_cross_validated_head_on_real_photos(photo_folder):
     scores = cross_val_score(pipe, df["path"], df["label"], cv=StratifiedKFold(3, shuffle=True, random_state=0))
     # six classes of crops from six different photos: chance is 1/6
     assert scores.mean() > 0.8
+
+
+def test_changed_params_after_fit_must_refit(tiny, sample_photos):
+    emb = tiny.fit()
+    emb.set_params(pooling="max")
+    with pytest.raises(ValueError, match=r"\['pooling'\] changed since fit; call fit\(\) again"):
+        emb.transform(sample_photos)
+    assert emb.fit().transform(sample_photos).shape == (2, 8)
+    # parameters that do not change vectors may change freely
+    emb.set_params(batch_size=1, progress=False, on_error="skip")
+    assert emb.transform(sample_photos).shape == (2, 8)
+
+
+def test_same_tensor_twice_is_refused(tiny):
+    from deepfeat.graph import LayerError
+
+    with pytest.raises(LayerError, match="'stage2' and 'conv2' are the same tensor"):
+        clone(tiny).set_params(layers=["stage2", "conv2"]).fit()
+
+
+def test_empty_layer_list_is_refused_not_replaced_by_the_default(tiny):
+    from deepfeat.graph import LayerError
+
+    with pytest.raises(LayerError, match="At least one layer"):
+        clone(tiny).set_params(layers=[]).fit()
+
+
+def test_unpickled_embedder_refuses_a_replaced_model_file(tmp_path, sample_photos):
+    import shutil
+
+    from deepfeat.registry import ModelFileError
+
+    from .conftest import build_tiny_cnn
+
+    path = tmp_path / "m.onnx"
+    import onnx
+
+    onnx.save(build_tiny_cnn(seed=0), str(path))
+    emb = ImageEmbedder(model=str(path), preprocessing=TINY_PREPROCESSING, progress=False).fit()
+    blob = pickle.dumps(emb)
+    onnx.save(build_tiny_cnn(seed=1), str(path))  # same name, other weights
+    with pytest.raises(ModelFileError, match="Refit the embedder"):
+        pickle.loads(blob).transform(sample_photos)
+    shutil.rmtree(tmp_path)

@@ -98,3 +98,13 @@ def test_cuda_features_agree_with_cpu(sample_photos):
     a, b = cpu.transform(sample_photos), gpu.transform(sample_photos)
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() >= 0.999
+
+
+def test_set_params_providers_after_fit_rebuilds_the_session(tiny_model_path, sample_photos):
+    emb = ImageEmbedder(model=str(tiny_model_path), preprocessing=TINY_PREPROCESSING, progress=False).fit()
+    X = emb.transform(sample_photos)
+    first = emb._runner
+    emb.set_params(providers=[MISSING, "cpu"])
+    with pytest.warns(ProviderFallbackWarning, match=MISSING):
+        np.testing.assert_array_equal(emb.transform(sample_photos), X)
+    assert emb._runner is not first and emb.providers_ == ["CPUExecutionProvider"]
