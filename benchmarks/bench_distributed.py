@@ -62,7 +62,8 @@ def run(quick: bool = False) -> str:
                     threads_per_worker=1,
                     processes=True,
                     host="127.0.0.1",
-                    dashboard_address=None,
+                    # None would still bind the scheduler's HTTP server to port 8787; 0 = any free port
+                    dashboard_address="127.0.0.1:0",
                     silence_logs=logging.ERROR,
                 )
             )

@@ -49,7 +49,8 @@ def _local_cluster():
         processes=True,
         host="127.0.0.1",
         scheduler_port=0,
-        dashboard_address=None,
+        # None would still bind the scheduler's HTTP server to port 8787; 0 = any free port
+        dashboard_address="127.0.0.1:0",
         silence_logs=logging.ERROR,
     )
 
