@@ -34,6 +34,11 @@ def _read_inputs(path: str, column: str) -> pd.DataFrame:
     raise SystemExit(f"deepfeat: {p} is neither a folder nor a .csv file")
 
 
+def _providers_arg(text: str):
+    """``--providers`` as ImageEmbedder takes it: "auto" or a list of names."""
+    return "auto" if text == "auto" else [p.strip() for p in text.split(",") if p.strip()]
+
+
 def _embedder(args):
     from .embedder import ImageEmbedder
 
@@ -43,7 +48,7 @@ def _embedder(args):
         layers=layers,
         pooling=args.pooling,
         batch_size=args.batch_size,
-        providers=args.providers.split(",") if args.providers != "auto" else "auto",
+        providers=_providers_arg(args.providers),
         on_error=args.on_error,
         progress=not args.no_progress,
         cache=args.cache,
@@ -221,20 +226,20 @@ def cmd_classify(args) -> int:
 
 def cmd_predict(args) -> int:
     from .classify import load_model, predict_paths
-    from .datasets import IMAGE_EXTENSIONS
+    from .datasets import load_image_folder
 
     pipe = load_model(args.model)
     emb = pipe.steps[0][1]
     overrides = {"progress": not args.no_progress}
     if args.providers:
         # a loaded pipeline has no session yet (sessions are not pickled): it opens on these
-        overrides["providers"] = args.providers.split(",") if args.providers != "auto" else "auto"
+        overrides["providers"] = _providers_arg(args.providers)
     emb.set_params(**overrides)
     paths: list[str] = []
     for p in args.paths:
         q = Path(p)
         if q.is_dir():
-            paths += [str(f) for f in sorted(q.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+            paths += load_image_folder(q)["path"].tolist()
         elif q.suffix.lower() == ".csv":
             paths += _read_inputs(p, args.path_column)["path"].tolist()
         else:
@@ -265,7 +270,7 @@ def cmd_select_layer(args) -> int:
     poolings = [p.strip() for p in args.pooling.split(",") if p.strip()]
     params = {
         "batch_size": args.batch_size,
-        "providers": args.providers.split(",") if args.providers != "auto" else "auto",
+        "providers": _providers_arg(args.providers),
         "on_error": args.on_error,
         "progress": not args.no_progress,
         "cache_key": args.cache_key,
@@ -530,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ImportError, ValueError, KeyError, RuntimeError) as exc:
         # an error a person can act on: print it without a traceback
         print(f"deepfeat: error: {exc}", file=sys.stderr)
         return 1
