@@ -19,7 +19,15 @@ class LayerError(ValueError):
 
 
 def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load and check an ONNX file, with an actionable error if it is not one."""
+    """Load and check an ONNX file, with an actionable error if it is not one.
+
+    Examples
+    --------
+    >>> from deepfeat.registry import resolve_model
+    >>> path, _ = resolve_model("efficientnet_lite0")
+    >>> len(load_onnx(path).graph.node) > 100
+    True
+    """
     try:
         model = onnx.load(os.fspath(path))
         onnx.checker.check_model(model)
@@ -51,6 +59,13 @@ def tensor_shapes(model: onnx.ModelProto, input_size: int | None = None) -> dict
     ONNX shape inference alone leaves spatial dims unknown behind ops such as
     computed ``Pad``; running one zero image through ONNX Runtime with every
     candidate tensor as an output gives exact shapes for any graph.
+
+    Examples
+    --------
+    >>> from deepfeat.registry import resolve_model
+    >>> path, _ = resolve_model("efficientnet_lite0")
+    >>> tensor_shapes(load_onnx(path), 224)["features"]
+    ('batch', 1280, 7, 7)
     """
     import numpy as np
     import onnxruntime as ort
@@ -156,6 +171,14 @@ def resolve_layers(
 
     The label is the alias when one was given, else the tensor name; it prefixes
     feature names. The special alias ``"output"`` is the graph's first output.
+    Unknown layers and two names of one tensor raise :class:`LayerError`.
+
+    Examples
+    --------
+    >>> from deepfeat.registry import resolve_model
+    >>> path, spec = resolve_model("efficientnet_lite0")
+    >>> resolve_layers(load_onnx(path), ["stage4", "pooled"], spec.layers)
+    [('stage4', 'blocks.10'), ('pooled', 'pooled')]
     """
     requested = [layers] if isinstance(layers, str) else list(layers)
     if not requested:

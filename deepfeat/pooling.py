@@ -54,7 +54,13 @@ def pool(x: np.ndarray, method: str = "avg", *, p: float = 3.0, eps: float = 1e-
 
 
 def pooled_dim(shape: tuple, method: str) -> int:
-    """Length of the pooled vector for a ``(batch, c, h, w)`` or ``(batch, d)`` tensor shape."""
+    """Length of the pooled vector for a ``(batch, c, h, w)`` or ``(batch, d)`` tensor shape.
+
+    Examples
+    --------
+    >>> pooled_dim((1, 40, 28, 28), "avg"), pooled_dim((1, 40, 28, 28), "none")
+    (40, 31360)
+    """
     if len(shape) == 2 or method != "none":
         return int(shape[1])
     return int(np.prod(shape[1:]))

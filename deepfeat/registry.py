@@ -296,6 +296,11 @@ def models_dirs() -> list[Path]:
 
     ``$DEEPFEAT_MODELS`` (if set), the models shipped inside the package, the
     repository's ``models/`` folder (source checkouts), and the user cache.
+
+    Examples
+    --------
+    >>> models_dirs()[-1].parts[-2:]
+    ('deepfeat', 'models')
     """
     dirs = []
     if os.environ.get("DEEPFEAT_MODELS"):
@@ -318,6 +323,15 @@ def _find_file(filename: str) -> Path | None:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.NamedTemporaryFile() as f:
+    ...     file_sha256(f.name)[:12]
+    'e3b0c44298fc'
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -58,7 +58,13 @@ class ProviderError(RuntimeError):
 
 
 def available_providers() -> list[str]:
-    """Execution providers of the installed onnxruntime build."""
+    """Execution providers of the installed onnxruntime build.
+
+    Examples
+    --------
+    >>> "CPUExecutionProvider" in available_providers()
+    True
+    """
     return list(ort.get_available_providers())
 
 
@@ -180,6 +186,13 @@ def create_session(
     ORT silently drops a provider that fails to initialise (a CUDA library
     missing, say); this compares what the session reports with what was asked
     and warns (or raises with ``strict``) naming the provider.
+
+    Examples
+    --------
+    >>> from deepfeat.registry import resolve_model
+    >>> path, _ = resolve_model("efficientnet_lite0")
+    >>> create_session(path, "cpu").get_providers()
+    ['CPUExecutionProvider']
     """
     resolved = resolve_providers(providers, strict=strict)
     opts = ort.SessionOptions()
