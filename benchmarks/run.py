@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE))
 
 from common import machine  # noqa: E402
 
-SECTIONS = ("throughput", "cache", "distributed")
+SECTIONS = ("throughput", "cache", "quantize", "distributed")
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,134 @@
+"""deepfeat.quantize on the tiny ONNX CNN: int8 graphs that run, keep their named tensors, stay close to fp32."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from deepfeat import ImageEmbedder
+from deepfeat.graph import load_onnx, truncate
+from deepfeat.quantize import QuantizationError, quantize_model
+from deepfeat.registry import METADATA_KEY, resolve_model
+from deepfeat.runtime import Runner
+
+from .conftest import TINY_LAYERS, TINY_PREPROCESSING
+
+
+def _images(n: int, seed: int) -> list[np.ndarray]:
+    """Random crops (and flips) of scikit-learn's two real photos; seeds give disjoint-enough sets."""
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        side = int(rng.integers(60, 200))
+        y, x = rng.integers(0, photo.shape[0] - side), rng.integers(0, photo.shape[1] - side)
+        crop = photo[y:y + side, x:x + side]
+        out.append(np.ascontiguousarray(crop[:, ::-1] if rng.random() < 0.5 else crop))
+    return out
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def _embed(model, images, **kw) -> np.ndarray:
+    return ImageEmbedder(model=str(model), layers=["stage1", "pooled"], progress=False, **kw).fit_transform(images)
+
+
+@pytest.fixture(scope="module")
+def eval_images() -> list[np.ndarray]:
+    return _images(8, seed=1)
+
+
+@pytest.mark.parametrize("weight_type", ["int8", "uint8"])
+def test_static_int8_keeps_tensors_metadata_and_vectors(tiny_model_path, tmp_path, eval_images, weight_type):
+    out = quantize_model(
+        tiny_model_path, tmp_path / "tiny-int8.onnx", _images(16, seed=0),
+        weight_type=weight_type, preprocessing=TINY_PREPROCESSING, batch_size=5,
+    )
+    assert out == tmp_path / "tiny-int8.onnx" and out.is_file()
+    proto = load_onnx(out)
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # really quantized, QDQ format
+    produced = {o for n in proto.graph.node for o in n.output}
+    assert set(TINY_LAYERS.values()) <= produced  # the source's tensor names survive
+
+    record = json.loads({p.key: p.value for p in proto.metadata_props}[METADATA_KEY])
+    assert record["quantization"]["calibration_images"] == 16
+    assert record["quantization"]["weight_type"] == weight_type
+    _, spec = resolve_model(out)  # no preprocessing given: it comes from the file
+    assert (spec.input_size, spec.resize_size, spec.default_layer) == (32, 36, "pooled")
+    # the quantizer folds each Relu into the uint8 range and names the Conv output "conv1":
+    # the aliases of ReLU outputs point to the dequantized tensor instead, the others stay
+    assert dict(spec.layers) == {**TINY_LAYERS, "stage1": "conv1_DequantizeLinear_Output",
+                                 "stage2": "conv2_DequantizeLinear_Output"}
+    x = np.random.default_rng(0).normal(0, 1, (2, 3, 32, 32)).astype(np.float32)
+    for alias, tensor in spec.layers.items():
+        # every alias is a float tensor that a truncated graph can output
+        cut = truncate(proto, [tensor])
+        (value,) = Runner.from_model(cut.SerializeToString(), "cpu").run(x)
+        assert value.dtype == np.float32 and value.shape[0] == 2
+        if alias.startswith("stage"):
+            assert value.min() >= 0  # a ReLU output, not the pre-activation
+
+    ref = _embed(tiny_model_path, eval_images, preprocessing=TINY_PREPROCESSING)
+    q = _embed(out, eval_images)
+    assert q.shape == ref.shape and np.isfinite(q).all()
+    assert not np.array_equal(q, ref)
+    assert _cosine(ref, q).min() > 0.99
+
+
+def test_dynamic_int8_needs_no_calibration(tiny_model_path, tmp_path, eval_images):
+    out = quantize_model(tiny_model_path, tmp_path / "tiny-dyn.onnx", method="dynamic", preprocessing=TINY_PREPROCESSING)
+    proto = load_onnx(out)
+    assert "ConvInteger" in {n.op_type for n in proto.graph.node}
+    assert set(TINY_LAYERS.values()) <= {o for n in proto.graph.node for o in n.output}
+    ref = _embed(tiny_model_path, eval_images, preprocessing=TINY_PREPROCESSING)
+    q = _embed(out, eval_images)
+    assert _cosine(ref, q).min() > 0.99
+
+
+def test_calibration_folder_is_spread_over_classes(tiny_model_path, tmp_path, photo_folder):
+    root, df = photo_folder
+    out = quantize_model(tiny_model_path, tmp_path / "t.onnx", root, max_images=4, preprocessing=TINY_PREPROCESSING)
+    record = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}[METADATA_KEY])
+    assert record["quantization"]["calibration_images"] == 4
+
+
+def test_unreadable_calibration_images_are_skipped_or_refused(tiny_model_path, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"<html>not a photo</html>")
+    out = quantize_model(tiny_model_path, tmp_path / "a.onnx", [str(bad)] + _images(3, seed=2),
+                         preprocessing=TINY_PREPROCESSING)
+    record = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}[METADATA_KEY])
+    assert record["quantization"]["calibration_images"] == 3
+    with pytest.raises(QuantizationError, match="None of the 2 calibration images.*bad.jpg"):
+        quantize_model(tiny_model_path, tmp_path / "b.onnx", [str(bad), str(tmp_path / "missing.png")],
+                       preprocessing=TINY_PREPROCESSING)
+    assert not (tmp_path / "b.onnx").exists()
+
+
+def test_bad_arguments_say_what_to_do(tiny_model_path, tmp_path):
+    kw = dict(preprocessing=TINY_PREPROCESSING)
+    with pytest.raises(ValueError, match="needs calibration_images"):
+        quantize_model(tiny_model_path, tmp_path / "x.onnx", **kw)
+    with pytest.raises(ValueError, match="'method' parameter .* Got 'qat'"):
+        quantize_model(tiny_model_path, tmp_path / "x.onnx", _images(2, 0), method="qat", **kw)
+    with pytest.raises(ValueError, match="'weight_type' parameter .* Got 'int4'"):
+        quantize_model(tiny_model_path, tmp_path / "x.onnx", _images(2, 0), weight_type="int4", **kw)
+    with pytest.raises(ValueError, match="'max_images' parameter .* Got 0"):
+        quantize_model(tiny_model_path, tmp_path / "x.onnx", _images(2, 0), max_images=0, **kw)
+    with pytest.raises(ValueError, match="is the source model file"):
+        quantize_model(tiny_model_path, tiny_model_path, _images(2, 0), **kw)
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        quantize_model(tiny_model_path, tmp_path / "x.onnx", str(tmp_path / "nowhere"), **kw)
+    with pytest.raises(QuantizationError, match="no tensor for the layer aliases .*'gone'"):
+        quantize_model(tiny_model_path, tmp_path / "x.onnx", _images(2, 0),
+                       preprocessing={**TINY_PREPROCESSING, "layers": {**TINY_LAYERS, "gone": "no_such_tensor"}})
+    assert not (tmp_path / "x.onnx").exists()
