@@ -440,6 +440,8 @@ def preprocess(
         sx, sy = w / nw, h / nh
         box = (left * sx, top * sy, (left + input_size) * sx, (top + input_size) * sy)
         img = img.resize((input_size, input_size), _RESAMPLE[interpolation], box=box)
-    a = np.asarray(img, dtype=np.float32)
-    a = (a - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return np.ascontiguousarray(a.transpose(2, 0, 1))
+    # channel-first copy first, then normalise in place: no full-size temporaries
+    a = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32, order="C")
+    a -= np.asarray(mean, dtype=np.float32)[:, None, None]
+    a *= (1.0 / np.asarray(std, dtype=np.float64)).astype(np.float32)[:, None, None]
+    return a
