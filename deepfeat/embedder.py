@@ -54,8 +54,9 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
     image_size : int or None, default=None
         Square crop side fed to the network; ``None`` uses the model's own.
         The resize before the crop scales with it.
-    batch_size : int, default=32
-        Images per ONNX Runtime call.
+    batch_size : int, default=16
+        Images per ONNX Runtime call. On CPU, 16 runs as fast as 32 or 64
+        (benchmarks/RESULTS.md) with a lower memory peak; a GPU wants more.
     providers : "auto", str, list, default="auto"
         ONNX Runtime execution providers: ``"auto"`` (CUDA, ROCm, OpenVINO,
         CoreML or DirectML when installed, else CPU), a name (``"cpu"``,
@@ -167,7 +168,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         layers: str | list[str] | None = None,
         pooling: str = "avg",
         image_size: int | None = None,
-        batch_size: int = 32,
+        batch_size: int = 16,
         providers: Any = "auto",
         strict_providers: bool = False,
         on_error: str = "raise",

@@ -569,9 +569,12 @@ def test_cli_cache_info_and_clear(tmp_path, tiny_model_path, photos, capsys):
     (cache_dir / DB_NAME).write_bytes(b"not sqlite" * 1000)
     for f in cache_dir.glob(DB_NAME + "-*"):
         f.unlink()
-    assert main(["cache", "info", str(cache_dir)]) == 1
-    err = capsys.readouterr().err
-    assert "corrupt" in err and f"deepfeat cache clear {cache_dir}" in err
+    # a new process opens the damaged file, as a later run would (connections this
+    # process still holds may keep serving SQLite's cached pages)
+    res = subprocess.run([sys.executable, "-m", "deepfeat", "cache", "info", str(cache_dir)],
+                         capture_output=True, text=True)
+    assert res.returncode == 1
+    assert "corrupt" in res.stderr and f"deepfeat cache clear {cache_dir}" in res.stderr
     assert main(["cache", "clear", str(cache_dir)]) == 0
     assert "removed features.sqlite3" in capsys.readouterr().out
     assert main(["cache", "info", str(cache_dir)]) == 0
