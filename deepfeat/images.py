@@ -188,16 +188,23 @@ def _riff_truncated(head: bytes, size: int) -> bool:
     return head[:4] == b"RIFF" and head[8:12] == b"WEBP" and int.from_bytes(head[4:8], "little") + 8 > size
 
 
+def _os_error(name: str, exc: OSError, denied: str) -> ImageDecodeError:
+    """The reason a file could not be opened or stat'ed, as an ImageDecodeError."""
+    if isinstance(exc, FileNotFoundError):
+        return ImageDecodeError(name, "file not found (missing, or deleted after it was listed)")
+    if isinstance(exc, PermissionError):
+        return ImageDecodeError(name, denied)
+    err = ImageDecodeError(name, f"cannot read file ({exc.strerror or exc})")
+    err.__cause__ = exc
+    return err
+
+
 def _check_path(path: Path, name: str) -> int:
     """Reasons a path cannot be an image, found without reading it; returns its size."""
     try:
         st = path.stat()
-    except FileNotFoundError:
-        raise ImageDecodeError(name, "file not found (missing, or deleted after it was listed)") from None
-    except PermissionError:
-        raise ImageDecodeError(name, "permission denied (cannot stat the file)") from None
     except OSError as exc:
-        raise ImageDecodeError(name, f"cannot read file ({exc.strerror or exc})") from exc
+        raise _os_error(name, exc, "permission denied (cannot stat the file)") from None
     if stat.S_ISDIR(st.st_mode):
         raise ImageDecodeError(name, "is a directory, not an image file")
     if not stat.S_ISREG(st.st_mode):
@@ -310,12 +317,8 @@ def _open_and_decode(
 ) -> Image.Image:
     try:
         fp = opener()
-    except FileNotFoundError:
-        raise ImageDecodeError(name, "file not found (missing, or deleted after it was listed)") from None
-    except PermissionError:
-        raise ImageDecodeError(name, "permission denied") from None
     except OSError as exc:
-        raise ImageDecodeError(name, f"cannot read file ({exc.strerror or exc})") from exc
+        raise _os_error(name, exc, "permission denied") from None
     with fp:
         head = fp.read(16)
         fp.seek(0)

