@@ -248,3 +248,24 @@ def test_lite_exports_on_demand_and_reproduce_the_registered_sha256(name, tmp_pa
     assert df.loc["pooled", "channels"] == 1280
     derived = derive_aliases(onnx.load(str(path)), spec.input_size)
     assert all(derived[f"stage{k}"] == spec.layers[f"stage{k}"] for k in (1, 2, 3, 4))
+
+
+def test_torchvision_resnet18_export_through_the_cli(tmp_path, capsys):
+    """The real torchvision path, where torchvision imports (torch 2.14.1 + torchvision 0.29.1, say).
+
+    Beside the pinned torch==2.13.0 CPU build torchvision does not import, so this skips there.
+    """
+    tv = pytest.importorskip("torchvision")
+    from deepfeat import ImageEmbedder
+    from deepfeat.cli import main
+
+    torch.manual_seed(0)
+    out = tmp_path / "tv_resnet18.onnx"
+    assert main(["export", "torchvision:resnet18", "--random-weights", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "random weights" in printed and "checked against PyTorch on 8 aliases" in printed
+    # torchvision's own weights transforms give its preprocessing; the standard aliases work for embedding
+    emb = ImageEmbedder(model=str(out), layers=["stage3", "pooled"], progress=False).fit()
+    x = emb.transform([np.full((240, 320, 3), 128, np.uint8)])
+    assert x.shape == (1, 128 + 512) and np.isfinite(x).all()
+    assert isinstance(tv.models.resnet18(weights=None), torch.nn.Module)
