@@ -250,22 +250,22 @@ def test_lite_exports_on_demand_and_reproduce_the_registered_sha256(name, tmp_pa
     assert all(derived[f"stage{k}"] == spec.layers[f"stage{k}"] for k in (1, 2, 3, 4))
 
 
-def test_torchvision_resnet18_export_through_the_cli(tmp_path, capsys):
-    """The real torchvision path, where torchvision imports (torch 2.14.1 + torchvision 0.29.1, say).
+@pytest.mark.parametrize("package", ["torchvision", "timm"])
+def test_hub_resnet18_export_through_the_cli(package, tmp_path, capsys):
+    """The real torchvision:/timm: paths, where they import (torch 2.14.1 + torchvision 0.29.1 + timm, say).
 
-    Beside the pinned torch==2.13.0 CPU build torchvision does not import, so this skips there.
+    Beside the pinned torch==2.13.0 CPU build torchvision (and so timm) does not import: these skip there.
     """
-    tv = pytest.importorskip("torchvision")
+    pytest.importorskip(package)
     from deepfeat import ImageEmbedder
     from deepfeat.cli import main
 
     torch.manual_seed(0)
-    out = tmp_path / "tv_resnet18.onnx"
-    assert main(["export", "torchvision:resnet18", "--random-weights", "-o", str(out)]) == 0
+    out = tmp_path / f"{package}_resnet18.onnx"
+    assert main(["export", f"{package}:resnet18", "--random-weights", "-o", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "random weights" in printed and "checked against PyTorch on 8 aliases" in printed
-    # torchvision's own weights transforms give its preprocessing; the standard aliases work for embedding
+    # the package's own preprocessing is recorded in the file; the standard aliases work for embedding
     emb = ImageEmbedder(model=str(out), layers=["stage3", "pooled"], progress=False).fit()
     x = emb.transform([np.full((240, 320, 3), 128, np.uint8)])
     assert x.shape == (1, 128 + 512) and np.isfinite(x).all()
-    assert isinstance(tv.models.resnet18(weights=None), torch.nn.Module)
