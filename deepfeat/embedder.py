@@ -337,7 +337,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
                 key_mode=self.cache_key,
                 description={"model": self.spec_.name, "layers": [l for l, _ in self.layers_], **self._cache_parts()},
                 chunk=max(512, 4 * self.batch_size),
-                threads=self.n_jobs or max(1, min(4, os.cpu_count() or 1)),
+                threads=self.n_jobs or _default_decode_threads(on_device=False),
             )
             failures.sort(key=lambda f: f[0])
         if failures:

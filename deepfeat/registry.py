@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping
+from typing import Any, Mapping
 
 import pandas as pd
 
@@ -148,6 +148,31 @@ def _lite_on_demand(idx: int, sha256: str, size_bytes: int, input_size: int, res
     )
 
 
+def _zoo_spec(
+    name: str, zoo_path: str, sha256: str, size_bytes: int, *, source: str, description: str, **fields: Any
+) -> ModelSpec:
+    """Spec of an ONNX Model Zoo file: downloaded on first use, ImageNet preprocessing
+    unless ``fields`` say otherwise, layer aliases derived from the graph."""
+    filename = zoo_path.rsplit("/", 1)[-1]
+    spec = dict(
+        name=name,
+        filename=filename,
+        sha256=sha256,
+        size_bytes=size_bytes,
+        url=_ZOO + zoo_path,
+        input_size=224,
+        resize_size=256,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        derive_layers=True,
+        license="Apache-2.0 (ONNX Model Zoo)",
+        source=f"ONNX Model Zoo {filename} ({source})",
+        description=f"{description} (downloaded on first use)",
+    )
+    spec.update(fields)
+    return ModelSpec(**spec)
+
+
 _REGISTRY: dict[str, ModelSpec] = {
     "efficientnet_lite0": ModelSpec(
         name="efficientnet_lite0",
@@ -166,71 +191,38 @@ _REGISTRY: dict[str, ModelSpec] = {
     "efficientnet_lite2": _lite_on_demand(
         2, "1052f22db54247538659a66de8c5c83e8c5aee932cb6b550773a31868fd072ad", 24379389, 260, 297
     ),
-    "resnet50": ModelSpec(
-        name="resnet50",
-        filename="resnet50-v1-12.onnx",
-        sha256="ab65bdc02c5b3123eb3cdf6dac01742438517d8635d4f233913b2be1c70db3b6",
-        size_bytes=102576419,
-        url=_ZOO + "resnet/model/resnet50-v1-12.onnx",
-        input_size=224,
-        resize_size=256,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        derive_layers=True,
-        license="Apache-2.0 (ONNX Model Zoo)",
-        source="ONNX Model Zoo resnet50-v1-12.onnx (MXNet Gluon ResNet-50 v1, opset 12)",
-        description="ResNet-50 v1, ImageNet-1k, 224px, 2048-d pooled (downloaded on first use)",
+    "resnet50": _zoo_spec(
+        "resnet50", "resnet/model/resnet50-v1-12.onnx",
+        "ab65bdc02c5b3123eb3cdf6dac01742438517d8635d4f233913b2be1c70db3b6", 102576419,
+        source="MXNet Gluon ResNet-50 v1, opset 12",
+        description="ResNet-50 v1, ImageNet-1k, 224px, 2048-d pooled",
     ),
-    "resnet50_v2": ModelSpec(
-        name="resnet50_v2",
-        filename="resnet50-v2-7.onnx",
-        sha256="1e80e8a7c8eec8e8b20c440d7dd7f2f8590779c7c2859dc4514870dc463845d3",
-        size_bytes=102442450,
-        url=_ZOO + "resnet/model/resnet50-v2-7.onnx",
-        input_size=224,
-        resize_size=256,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+    "resnet50_v2": _zoo_spec(
+        "resnet50_v2", "resnet/model/resnet50-v2-7.onnx",
+        "1e80e8a7c8eec8e8b20c440d7dd7f2f8590779c7c2859dc4514870dc463845d3", 102442450,
+        source="MXNet Gluon ResNet-50 v2, pre-activation, opset 7",
+        description="ResNet-50 v2, ImageNet-1k, 224px, 2048-d pooled",
         # input "data", output "resnetv24_dense0_fwd" per the zoo's README
         layers={"logits": "resnetv24_dense0_fwd"},
-        derive_layers=True,
-        license="Apache-2.0 (ONNX Model Zoo)",
-        source="ONNX Model Zoo resnet50-v2-7.onnx (MXNet Gluon ResNet-50 v2, pre-activation, opset 7)",
-        description="ResNet-50 v2, ImageNet-1k, 224px, 2048-d pooled (downloaded on first use)",
     ),
-    "mobilenetv2": ModelSpec(
-        name="mobilenetv2",
-        filename="mobilenetv2-7.onnx",
-        sha256="c1c513582d56afceff8516c73804e484c81c6a830712ab6d682253f4a3cd042f",
-        size_bytes=14246826,
-        url=_ZOO + "mobilenet/model/mobilenetv2-7.onnx",
-        input_size=224,
-        resize_size=256,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        derive_layers=True,
-        license="Apache-2.0 (ONNX Model Zoo)",
-        source="ONNX Model Zoo mobilenetv2-7.onnx (MXNet Gluon MobileNetV2 1.0, opset 7)",
-        description="MobileNetV2 1.0, ImageNet-1k, 224px, 1280-d pooled (downloaded on first use)",
+    "mobilenetv2": _zoo_spec(
+        "mobilenetv2", "mobilenet/model/mobilenetv2-7.onnx",
+        "c1c513582d56afceff8516c73804e484c81c6a830712ab6d682253f4a3cd042f", 14246826,
+        source="MXNet Gluon MobileNetV2 1.0, opset 7",
+        description="MobileNetV2 1.0, ImageNet-1k, 224px, 1280-d pooled",
     ),
-    "densenet121": ModelSpec(
-        name="densenet121",
-        filename="densenet-12.onnx",
-        sha256="0294e7e88e5b3360de9b0fdc321baf9e6ef18b7f058c4536caae3b9f18ed9ed5",
-        size_bytes=32726877,
-        url=_ZOO + "densenet-121/model/densenet-12.onnx",
-        input_size=224,
-        resize_size=256,
+    "densenet121": _zoo_spec(
+        "densenet121", "densenet-121/model/densenet-12.onnx",
+        "0294e7e88e5b3360de9b0fdc321baf9e6ef18b7f058c4536caae3b9f18ed9ed5", 32726877,
+        source="Caffe2 DenseNet-121, opset 12",
+        description="DenseNet-121, ImageNet-1k, 224px, 1024-d pooled",
         # Caffe original: BGR, mean (103.94, 116.78, 123.68) in BGR order, scale 0.017
         channel_order="BGR",
         mean=(123.68, 116.78, 103.94),
         std=(1 / 0.017,) * 3,
         # input "data_0" (batch fixed to 1 in the file), output "fc6_1" per the zoo's README
         layers={"logits": "fc6_1"},
-        derive_layers=True,
         license="MIT (ONNX Model Zoo)",
-        source="ONNX Model Zoo densenet-12.onnx (Caffe2 DenseNet-121, opset 12)",
-        description="DenseNet-121, ImageNet-1k, 224px, 1024-d pooled (downloaded on first use)",
     ),
 }
 
