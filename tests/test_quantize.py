@@ -1,4 +1,4 @@
-"""deepfeat.quantize on the tiny ONNX CNN: int8 graphs that run, keep their named tensors, stay close to fp32."""
+"""deepfeat.quantize: int8 and fp16 graphs that run, keep their named tensors, stay close to fp32."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from deepfeat import ImageEmbedder
 from deepfeat.graph import load_onnx, truncate
-from deepfeat.quantize import QuantizationError, quantize_model
+from deepfeat.quantize import QuantizationError, convert_float16, quantize_model
 from deepfeat.registry import METADATA_KEY, resolve_model
 from deepfeat.runtime import Runner
 
@@ -132,3 +132,36 @@ def test_bad_arguments_say_what_to_do(tiny_model_path, tmp_path):
         quantize_model(tiny_model_path, tmp_path / "x.onnx", _images(2, 0),
                        preprocessing={**TINY_PREPROCESSING, "layers": {**TINY_LAYERS, "gone": "no_such_tensor"}})
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_float16_keeps_tensors_metadata_io_types_and_vectors(tiny_model_path, tmp_path, eval_images):
+    out = convert_float16(tiny_model_path, tmp_path / "tiny-fp16.onnx", preprocessing=TINY_PREPROCESSING)
+    proto = load_onnx(out)  # the checker passes: nodes are in topological order
+    weights = {t.name: t.data_type for t in proto.graph.initializer}
+    assert weights["w1"] == onnx.TensorProto.FLOAT16 and weights["w2"] == onnx.TensorProto.FLOAT16
+    # the image input and the final output stay float32: a drop-in file
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert set(TINY_LAYERS.values()) <= {o for n in proto.graph.node for o in n.output}
+    record = json.loads({p.key: p.value for p in proto.metadata_props}[METADATA_KEY])
+    assert record["precision"] == "float16" and record["layers"] == TINY_LAYERS
+    # the file needs no preprocessing argument, and its vectors come back float32 and close to fp32's
+    ref = _embed(tiny_model_path, eval_images, preprocessing=TINY_PREPROCESSING)
+    half = _embed(out, eval_images)
+    assert half.dtype == np.float32 and half.shape == ref.shape
+    assert _cosine(ref, half).min() >= 0.999
+    assert not np.array_equal(ref, half)  # really computed in half precision
+
+
+def test_float16_shipped_model_on_real_photos(tmp_path, sample_photos):
+    out = convert_float16("efficientnet_lite0", tmp_path / "lite0-fp16.onnx")
+    kw = {"layers": ["stage4", "pooled"], "progress": False}
+    ref = ImageEmbedder(**kw).fit_transform(sample_photos)
+    half = ImageEmbedder(model=str(out), **kw).fit_transform(sample_photos)
+    assert _cosine(ref, half).min() >= 0.999
+    assert resolve_model(out)[1].layers == resolve_model("efficientnet_lite0")[1].layers
+
+
+def test_float16_refuses_to_overwrite_its_source(tiny_model_path):
+    with pytest.raises(ValueError, match="source model file"):
+        convert_float16(tiny_model_path, tiny_model_path, preprocessing=TINY_PREPROCESSING)
