@@ -224,6 +224,23 @@ _DEVICE_PROVIDERS = {
 }
 
 
+def session_device(session: ort.InferenceSession) -> tuple[str, int]:
+    """``(device_type, device_id)`` of the session's first provider, as IOBinding names devices.
+
+    The id is the one the provider was created with (``cuda_provider(1)``
+    runs on GPU 1), so outputs are allocated where the network runs.
+
+    Examples
+    --------
+    >>> from deepfeat.registry import resolve_model
+    >>> session_device(create_session(resolve_model("efficientnet_lite0")[0], "cpu"))
+    ('cpu', 0)
+    """
+    first = session.get_providers()[0]
+    opts = session.get_provider_options().get(first, {})
+    return _DEVICE_PROVIDERS.get(first, "cpu"), int(opts.get("device_id") or 0)
+
+
 @dataclass
 class Runner:
     """A session plus the names it needs; ``run`` maps an NCHW batch to outputs.
@@ -237,6 +254,8 @@ class Runner:
     input_name: str
     output_names: list[str]
     use_io_binding: bool = False
+    #: where IOBinding allocates outputs: ORT's device type and the provider's device_id
+    output_device: tuple[str, int] = ("cpu", 0)
 
     @classmethod
     def from_model(
@@ -245,7 +264,8 @@ class Runner:
         sess = create_session(model, providers, **kw)
         if io_binding is None:
             io_binding = sess.get_providers()[0] in _DEVICE_PROVIDERS
-        return cls(sess, sess.get_inputs()[0].name, [o.name for o in sess.get_outputs()], io_binding)
+        return cls(sess, sess.get_inputs()[0].name, [o.name for o in sess.get_outputs()], io_binding,
+                   session_device(sess))
 
     @property
     def providers(self) -> list[str]:
@@ -263,6 +283,6 @@ class Runner:
         binding.bind_cpu_input(self.input_name, np.ascontiguousarray(batch))
         for name in self.output_names:
             # ORT allocates each output on the provider's device; copied back once below
-            binding.bind_output(name, _DEVICE_PROVIDERS.get(self.providers[0], "cpu"))
+            binding.bind_output(name, *self.output_device)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()

@@ -82,20 +82,35 @@ def test_io_binding_path_equals_plain_run():
     x = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)
     plain = Runner.from_model(model, "cpu", io_binding=False).run(x)
     bound = Runner.from_model(model, "cpu", io_binding=True)
-    assert bound.use_io_binding
+    assert bound.use_io_binding and bound.output_device == ("cpu", 0)
     for a, b in zip(plain, bound.run(x)):
         np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAVE_CUDA, reason="needs onnxruntime-gpu and a CUDA GPU")
-def test_cuda_features_agree_with_cpu(sample_photos):
-    cpu = ImageEmbedder(providers="cpu", progress=False).fit()
+def test_cuda_features_agree_with_cpu(sample_photos, record_property):
+    cpu = ImageEmbedder(layers=["stage4", "pooled"], providers="cpu", progress=False).fit()
     with warnings.catch_warnings():
         warnings.simplefilter("error", ProviderFallbackWarning)
-        gpu = clone(cpu).set_params(providers="cuda", strict_providers=True).fit()
+        gpu = clone(cpu).set_params(providers=cuda_provider(0), strict_providers=True, batch_size=64).fit()
     assert gpu.providers_[0] == "CUDAExecutionProvider"
+    assert gpu._runner.use_io_binding and gpu._runner.output_device == ("cuda", 0)
     a, b = cpu.transform(sample_photos), gpu.transform(sample_photos)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    record_property("max_abs_diff", float(np.abs(a - b).max()))
+    assert cos.min() >= 0.999
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_CUDA, reason="needs onnxruntime-gpu and a CUDA GPU")
+def test_cuda_float16_file_agrees_with_cpu_float32(sample_photos, tmp_path):
+    from deepfeat.quantize import convert_float16
+
+    half = convert_float16("efficientnet_lite0", tmp_path / "lite0-fp16.onnx")
+    a = ImageEmbedder(layers=["stage4", "pooled"], providers="cpu", progress=False).fit_transform(sample_photos)
+    b = ImageEmbedder(model=str(half), layers=["stage4", "pooled"], providers="cuda", strict_providers=True,
+                      progress=False).fit_transform(sample_photos)
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() >= 0.999
 
