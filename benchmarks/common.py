@@ -28,6 +28,22 @@ def best_of(fn, repeat: int = 3) -> float:
     return min(times)
 
 
+def gpu() -> str | None:
+    """The CUDA GPU onnxruntime can use here, as nvidia-smi names it, or None."""
+    import subprocess
+
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    return f"{out or 'a CUDA GPU (nvidia-smi not found)'}, onnxruntime-gpu {onnxruntime.__version__}"
+
+
 def machine() -> str:
     cpu = platform.processor() or "unknown CPU"
     try:

@@ -4,9 +4,13 @@
     python benchmarks/run.py --quick    # fewer images, prints only (a smoke run)
     python benchmarks/run.py --sections throughput,cache
 
+    python benchmarks/run.py --sections providers --output RESULTS-gpu.md   # on a GPU machine
+
 Sections: throughput (raw ORT ceiling, end-to-end, PyTorch eager, naive loop,
-shallow vs full, peak RSS), cache (cold vs warm transform), distributed (1 vs 2
-local Dask workers). Needs the real photos under ../shared/data/.
+shallow vs full, peak RSS), cache (cold vs warm transform), quantize (int8 vs
+fp32), providers (CPU vs CUDA, fp32 vs fp16; CUDA rows only where
+onnxruntime-gpu sees a GPU), distributed (1 vs 2 local Dask workers). Needs
+the real photos under ../shared/data/ (providers falls back to sample photos).
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import machine  # noqa: E402
+from common import gpu, machine  # noqa: E402
 
-SECTIONS = ("throughput", "cache", "quantize", "distributed")
+SECTIONS = ("throughput", "cache", "quantize", "providers", "distributed")
 
 
 def main(argv=None) -> int:
@@ -43,7 +47,7 @@ def main(argv=None) -> int:
         f"- Date: {dt.date.today().isoformat()}",
         f"- Machine: {machine()}",
         f"- Command: `{command.strip()}` (every number below comes from this one run)",
-        "- GPU: not measured (no GPU was lent to the session that produced this file; see README, Providers)",
+        f"- GPU: {gpu() or 'none here (onnxruntime sees no CUDA GPU): GPU numbers not measured'}",
         "",
     ]
     for name in chosen:
