@@ -61,7 +61,7 @@ def _decode_all(paths: list[str], spec) -> np.ndarray:
 def _runner(model, alias_names: list[str]):
     """A CPU session cut at the model's aliased tensors (model: registry name or file)."""
     from deepfeat.graph import load_onnx, truncate
-    from deepfeat.registry import resolve_model
+    from deepfeat.resolve import resolve_model
     from deepfeat.runtime import Runner
 
     path, spec = resolve_model(model)
@@ -145,7 +145,7 @@ def run(quick: bool = False) -> str:
     """
     from deepfeat import get_model_spec, load_image_folder
     from deepfeat.quantize import quantize_model
-    from deepfeat.registry import resolve_model
+    from deepfeat.resolve import resolve_model
 
     if not PHOTOS.is_dir():
         raise SystemExit(f"this benchmark needs the real photos at {PHOTOS}")

@@ -116,8 +116,6 @@ print(int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) // 102
 
 def peak_rss(paths: list[str], n: int, workdir: Path) -> int:
     """Peak RSS (MB) of a fresh process embedding ``n`` images (real photos re-encoded at other sizes)."""
-    from PIL import Image
-
     folder = workdir / "reencoded"
     folder.mkdir(exist_ok=True)
     out = []

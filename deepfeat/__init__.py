@@ -7,7 +7,7 @@ The public API is small: :class:`ImageEmbedder` (a scikit-learn transformer),
 
 from .datasets import load_image_folder, make_sample_photos
 from .embedder import ImageEmbedder
-from .graph import list_layers
+from .resolve import list_layers
 from .registry import get_model_spec, list_models
 
 __version__ = "0.1.0"

@@ -52,7 +52,7 @@ def derive_aliases(model: onnx.ModelProto, input_size: int = 224) -> dict[str, s
     Examples
     --------
     >>> from deepfeat.graph import load_onnx
-    >>> from deepfeat.registry import resolve_model
+    >>> from deepfeat.resolve import resolve_model
     >>> aliases = derive_aliases(load_onnx(resolve_model("efficientnet_lite0")[0]), 224)
     >>> aliases["stage3"], aliases["pooled"], aliases["logits"]
     ('blocks.4', 'pooled', 'logits')

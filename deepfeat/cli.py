@@ -126,7 +126,7 @@ def _report_raise(exc, df: pd.DataFrame, args) -> int:
 
 
 def cmd_layers(args) -> int:
-    from .graph import list_layers
+    from .resolve import list_layers
 
     df = list_layers(args.model, aliases_only=not args.all)
     with pd.option_context("display.max_rows", None, "display.width", 200):

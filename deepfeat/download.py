@@ -51,7 +51,7 @@ def fetch_model(
 ) -> Path:
     """Put the file of a registered model into the user cache and return its path.
 
-    Called by :func:`deepfeat.registry.resolve_model` when the file is in
+    Called by :func:`deepfeat.resolve.resolve_model` when the file is in
     none of :func:`deepfeat.registry.models_dirs`. A spec with a ``url`` is
     downloaded; a spec with an ``exporter`` is exported with PyTorch.
 

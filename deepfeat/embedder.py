@@ -24,7 +24,8 @@ from . import graph
 from .cache import KEY_MODES, cached_compute, feature_fingerprint, open_cache, resolve_cache_dir
 from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, describe, load_image, preprocess
 from .pooling import POOLINGS, pool, pooled_dim
-from .registry import DEFAULT_MODEL, ModelFileError, file_sha256, resolve_model
+from .registry import DEFAULT_MODEL, ModelFileError, file_sha256
+from .resolve import resolve_model
 from .runtime import Runner
 
 __all__ = ["ImageEmbedder"]

@@ -9,7 +9,7 @@ import onnx
 import pandas as pd
 from onnx import shape_inference
 
-__all__ = ["list_layers", "truncate", "resolve_layers", "load_onnx"]
+__all__ = ["layer_table", "truncate", "resolve_layers", "load_onnx"]
 
 _FEATURE_RANKS = (2, 4)
 
@@ -23,7 +23,7 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
 
     Examples
     --------
-    >>> from deepfeat.registry import resolve_model
+    >>> from deepfeat.resolve import resolve_model
     >>> path, _ = resolve_model("efficientnet_lite0")
     >>> len(load_onnx(path).graph.node) > 100
     True
@@ -62,7 +62,7 @@ def tensor_shapes(model: onnx.ModelProto, input_size: int | None = None) -> dict
 
     Examples
     --------
-    >>> from deepfeat.registry import resolve_model
+    >>> from deepfeat.resolve import resolve_model
     >>> path, _ = resolve_model("efficientnet_lite0")
     >>> tensor_shapes(load_onnx(path), 224)["features"]
     ('batch', 1280, 7, 7)
@@ -90,49 +90,29 @@ def tensor_shapes(model: onnx.ModelProto, input_size: int | None = None) -> dict
     return {name: ("batch",) + tuple(v.shape[1:]) for name, v in zip(candidates, values)}
 
 
-def list_layers(
-    model: "str | os.PathLike | onnx.ModelProto" = "efficientnet_lite0",
+def layer_table(
+    model: onnx.ModelProto,
+    aliases: Mapping[str, str] | None = None,
     *,
-    input_size: int | None = None,
+    input_size: int = 224,
     aliases_only: bool = False,
 ) -> pd.DataFrame:
-    """Candidate tensors to cut the model at.
+    """The tensors a loaded model can be cut at, with shapes and aliases.
 
-    Parameters
-    ----------
-    model : str, path or onnx.ModelProto
-        A registry name, an ``.onnx`` path, or a loaded model.
-    input_size : int, optional
-        Square input side used for the shapes (default: the model's own,
-        224 for unregistered files).
-    aliases_only : bool
-        Keep only the rows that have an alias (stages, features, pooled, logits).
-
-    Returns
-    -------
-    pandas.DataFrame
-        Columns ``name`` (tensor), ``alias``, ``op_type``, ``shape`` (batch
-        first), ``channels``, ``reduction`` (input side / feature-map side), in
-        graph order.
+    :func:`deepfeat.list_layers` is the same table for a model name or file.
 
     Examples
     --------
-    >>> from deepfeat import list_layers
-    >>> df = list_layers("efficientnet_lite0", aliases_only=True)
-    >>> int(df.set_index("alias").loc["pooled", "channels"])
-    1280
+    >>> from onnx import helper, TensorProto
+    >>> n = helper.make_node("Relu", ["x"], ["y"])
+    >>> g = helper.make_graph([n], "g",
+    ...     [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+    ...     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])])
+    >>> layer_table(helper.make_model(g), {"act": "y"}, input_size=8)[["name", "alias", "reduction"]].values.tolist()
+    [['y', 'act', 1]]
     """
-    aliases: Mapping[str, str] = {}
-    if isinstance(model, onnx.ModelProto):
-        proto = model
-    else:
-        from .registry import resolve_model
-
-        path, spec = resolve_model(model)
-        proto = load_onnx(path)
-        aliases = spec.layers
-        input_size = input_size or spec.input_size
-    input_size = input_size or 224
+    proto = model
+    aliases = aliases or {}
     by_tensor: dict[str, list[str]] = {}
     for alias, tensor in aliases.items():
         by_tensor.setdefault(tensor, []).append(alias)
@@ -175,7 +155,7 @@ def resolve_layers(
 
     Examples
     --------
-    >>> from deepfeat.registry import resolve_model
+    >>> from deepfeat.resolve import resolve_model
     >>> path, spec = resolve_model("efficientnet_lite0")
     >>> resolve_layers(load_onnx(path), ["stage4", "pooled"], spec.layers)
     [('stage4', 'blocks.10'), ('pooled', 'pooled')]

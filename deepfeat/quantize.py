@@ -52,7 +52,8 @@ from onnxruntime.quantization import (
 
 from .graph import load_onnx
 from .images import ImageDecodeError, load_image, preprocess
-from .registry import METADATA_KEY, ModelSpec, file_sha256, resolve_model
+from .registry import METADATA_KEY, ModelSpec, file_sha256
+from .resolve import resolve_model
 
 __all__ = ["quantize_model", "convert_float16", "QuantizationError"]
 

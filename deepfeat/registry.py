@@ -2,21 +2,22 @@
 
 Specs are frozen dataclasses in a private table; the public functions hand out
 the specs themselves (immutable) or copies of the table, never the table.
+This module is a leaf: finding, fetching and checking a model's file is
+:mod:`deepfeat.resolve`'s work.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
 import pandas as pd
 
-__all__ = ["ModelSpec", "get_model_spec", "list_models", "resolve_model", "models_dirs"]
+__all__ = ["ModelSpec", "get_model_spec", "list_models", "models_dirs", "ModelFileError"]
 
 _PKG_DIR = Path(__file__).resolve().parent
 
@@ -334,92 +335,5 @@ class ModelFileError(RuntimeError):
     """A model file is missing, does not match its sha256, or is not ONNX."""
 
 
-def resolve_model(model: str | os.PathLike, **overrides) -> tuple[Path, ModelSpec]:
-    """Find the file for ``model`` and check it; return ``(path, spec)``.
-
-    ``model`` is a registry name or a path to a ``.onnx`` file. For a path,
-    ``overrides`` give the preprocessing (``input_size``, ``resize_size``,
-    ``mean``, ``std``, ``interpolation``, ``layers``); without them the
-    ImageNet defaults of the torchvision family are used (224, 256,
-    mean/std of ImageNet on the 0..255 scale). For a registry name,
-    ``overrides`` replace fields of the registered spec.
-    """
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    name = os.fspath(model)
-    if name in _REGISTRY:
-        spec = _REGISTRY[name]
-        path = _find_file(spec.filename)
-        if path is None:
-            from .download import fetch_model  # only reached when the file is absent
-
-            path = fetch_model(spec)
-        digest = file_sha256(path)
-        if digest != spec.sha256:
-            raise ModelFileError(
-                f"Model file {path} has sha256 {digest}, but {spec.name!r} expects "
-                f"{spec.sha256}. The file is corrupt or a different version: delete it "
-                "and reinstall deepfeat (or re-download / re-export it)."
-            )
-        if spec.derive_layers:
-            input_size = overrides.get("input_size", spec.input_size)
-            derived = _derived_layers(str(path), digest, input_size)
-            spec = replace(spec, layers={**derived, **spec.layers})
-        return path, replace(spec, **overrides) if overrides else spec
-    path = Path(name).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"Model {name!r} is neither a registered name ({sorted(_REGISTRY)}) "
-            "nor an existing .onnx file."
-        )
-    defaults = dict(
-        name=str(path),
-        filename=path.name,
-        sha256=None,
-        input_size=224,
-        resize_size=256,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        default_layer="output",
-    )
-    defaults.update(_recorded_defaults(path))
-    defaults.update(overrides)
-    return path, ModelSpec(**defaults)
-
-
 #: metadata_props key under which ``deepfeat export`` records preprocessing and aliases
 METADATA_KEY = "deepfeat"
-
-
-def _recorded_defaults(path: Path) -> dict:
-    """Preprocessing and aliases that ``deepfeat export`` stored in the file, if any."""
-    import json
-
-    import onnx
-
-    try:
-        proto = onnx.load(os.fspath(path), load_external_data=False)
-    except Exception:  # not ONNX: graph.load_onnx reports it with a better message
-        return {}
-    props = {p.key: p.value for p in proto.metadata_props}
-    if METADATA_KEY not in props:
-        return {}
-    try:
-        rec = json.loads(props[METADATA_KEY])
-    except ValueError:
-        return {}
-    allowed = {"input_size", "resize_size", "interpolation", "mean", "std", "channel_order",
-               "layers", "default_layer", "description", "source", "license"}
-    out = {k: v for k, v in rec.items() if k in allowed}
-    for k in ("mean", "std"):
-        if k in out:
-            out[k] = tuple(float(v) for v in out[k])
-    return out
-
-
-@lru_cache(maxsize=32)
-def _derived_layers(path: str, sha256: str, input_size: int) -> dict[str, str]:
-    # keyed by the file's hash: a checked file always yields the same aliases
-    from .aliases import derive_aliases
-    from .graph import load_onnx
-
-    return derive_aliases(load_onnx(path), input_size)

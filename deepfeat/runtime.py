@@ -189,7 +189,7 @@ def create_session(
 
     Examples
     --------
-    >>> from deepfeat.registry import resolve_model
+    >>> from deepfeat.resolve import resolve_model
     >>> path, _ = resolve_model("efficientnet_lite0")
     >>> create_session(path, "cpu").get_providers()
     ['CPUExecutionProvider']
@@ -232,7 +232,7 @@ def session_device(session: ort.InferenceSession) -> tuple[str, int]:
 
     Examples
     --------
-    >>> from deepfeat.registry import resolve_model
+    >>> from deepfeat.resolve import resolve_model
     >>> session_device(create_session(resolve_model("efficientnet_lite0")[0], "cpu"))
     ('cpu', 0)
     """

@@ -30,7 +30,8 @@ from .classify import stratified_cv
 from .embedder import ImageEmbedder
 from .graph import load_onnx
 from .pooling import POOLINGS
-from .registry import DEFAULT_MODEL, resolve_model
+from .registry import DEFAULT_MODEL
+from .resolve import resolve_model
 
 __all__ = ["select_layer", "plot_layer_scores", "default_probe"]
 

@@ -18,7 +18,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from deepfeat import registry
+from deepfeat import registry, resolve
 from deepfeat.download import ModelDownloadError, NoNetworkError, download_file, fetch_model
 from deepfeat.registry import ModelSpec
 
@@ -213,7 +213,7 @@ def test_registered_model_downloads_on_first_use_and_gets_standard_aliases(isola
 
     before = list_models().set_index("name").loc["tinyzoo"]
     assert not before["offline"] and before["obtain"] == "download"
-    path, spec = registry.resolve_model("tinyzoo")
+    path, spec = resolve.resolve_model("tinyzoo")
     assert path == isolated_registry / "tinyzoo-test.onnx"
     # aliases from the graph rules: the residual Add (not its branch) ends stage 2
     assert dict(spec.layers) == {

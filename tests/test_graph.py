@@ -4,7 +4,8 @@ import pytest
 
 from deepfeat import get_model_spec, list_layers
 from deepfeat.graph import LayerError, load_onnx, resolve_layers, truncate
-from deepfeat.registry import ModelFileError, resolve_model
+from deepfeat.registry import ModelFileError
+from deepfeat.resolve import resolve_model
 
 from .conftest import TINY_LAYERS, build_tiny_cnn
 

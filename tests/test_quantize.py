@@ -11,7 +11,8 @@ import pytest
 from deepfeat import ImageEmbedder
 from deepfeat.graph import load_onnx, truncate
 from deepfeat.quantize import QuantizationError, convert_float16, quantize_model
-from deepfeat.registry import METADATA_KEY, resolve_model
+from deepfeat.registry import METADATA_KEY
+from deepfeat.resolve import resolve_model
 from deepfeat.runtime import Runner
 
 from .conftest import TINY_LAYERS, TINY_PREPROCESSING

@@ -1,0 +1,152 @@
+"""Model resolution: a model name or file becomes a checked file and its spec.
+
+A registered name is looked up in :mod:`deepfeat.registry`, its file found on
+the search path (or downloaded / exported on first use) and checked against
+its sha256; a file path gets the preprocessing recorded in it. Layer aliases
+of Model Zoo files are derived from their graphs here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from functools import lru_cache
+from pathlib import Path
+
+import onnx
+import pandas as pd
+
+from . import registry
+from .aliases import derive_aliases
+from .download import fetch_model
+from .graph import layer_table, load_onnx
+from .registry import ModelSpec
+
+__all__ = ["resolve_model", "list_layers"]
+
+
+def resolve_model(model: str | os.PathLike, **overrides) -> tuple[Path, ModelSpec]:
+    """Find the file for ``model`` and check it; return ``(path, spec)``.
+
+    ``model`` is a registry name or a path to a ``.onnx`` file. For a path,
+    ``overrides`` give the preprocessing (``input_size``, ``resize_size``,
+    ``mean``, ``std``, ``interpolation``, ``layers``); without them the
+    ImageNet defaults of the torchvision family are used (224, 256,
+    mean/std of ImageNet on the 0..255 scale), unless the file records its
+    own (``deepfeat export``, :mod:`deepfeat.quantize`). For a registry
+    name, ``overrides`` replace fields of the registered spec; a file not on
+    disk is downloaded or exported (:func:`deepfeat.download.fetch_model`)
+    and every registered file is checked against its sha256.
+
+    Examples
+    --------
+    >>> path, spec = resolve_model("efficientnet_lite0")
+    >>> path.name, spec.layers["stage4"]
+    ('efficientnet_lite0.onnx', 'blocks.10')
+    """
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    name = os.fspath(model)
+    if name in registry._REGISTRY:
+        spec = registry._REGISTRY[name]
+        path = registry._find_file(spec.filename)
+        if path is None:
+            path = fetch_model(spec)
+        digest = registry.file_sha256(path)
+        if digest != spec.sha256:
+            raise registry.ModelFileError(
+                f"Model file {path} has sha256 {digest}, but {spec.name!r} expects "
+                f"{spec.sha256}. The file is corrupt or a different version: delete it "
+                "and reinstall deepfeat (or re-download / re-export it)."
+            )
+        if spec.derive_layers:
+            input_size = overrides.get("input_size", spec.input_size)
+            derived = _derived_layers(str(path), digest, input_size)
+            spec = replace(spec, layers={**derived, **spec.layers})
+        return path, replace(spec, **overrides) if overrides else spec
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Model {name!r} is neither a registered name ({sorted(registry._REGISTRY)}) "
+            "nor an existing .onnx file."
+        )
+    defaults = dict(
+        name=str(path),
+        filename=path.name,
+        sha256=None,
+        input_size=224,
+        resize_size=256,
+        mean=registry.IMAGENET_MEAN,
+        std=registry.IMAGENET_STD,
+        default_layer="output",
+    )
+    defaults.update(_recorded_defaults(path))
+    defaults.update(overrides)
+    return path, registry.ModelSpec(**defaults)
+
+
+def list_layers(
+    model: "str | os.PathLike | onnx.ModelProto" = "efficientnet_lite0",
+    *,
+    input_size: int | None = None,
+    aliases_only: bool = False,
+) -> pd.DataFrame:
+    """Candidate tensors to cut the model at.
+
+    Parameters
+    ----------
+    model : str, path or onnx.ModelProto
+        A registry name, an ``.onnx`` path, or a loaded model.
+    input_size : int, optional
+        Square input side used for the shapes (default: the model's own,
+        224 for unregistered files).
+    aliases_only : bool
+        Keep only the rows that have an alias (stages, features, pooled, logits).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``name`` (tensor), ``alias``, ``op_type``, ``shape`` (batch
+        first), ``channels``, ``reduction`` (input side / feature-map side), in
+        graph order.
+
+    Examples
+    --------
+    >>> from deepfeat import list_layers
+    >>> df = list_layers("efficientnet_lite0", aliases_only=True)
+    >>> int(df.set_index("alias").loc["pooled", "channels"])
+    1280
+    """
+    if isinstance(model, onnx.ModelProto):
+        return layer_table(model, input_size=input_size or 224, aliases_only=aliases_only)
+    path, spec = resolve_model(model)
+    return layer_table(load_onnx(path), spec.layers, input_size=input_size or spec.input_size,
+                       aliases_only=aliases_only)
+
+
+def _recorded_defaults(path: Path) -> dict:
+    """Preprocessing and aliases that ``deepfeat export`` stored in the file, if any."""
+    try:
+        proto = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception:  # not ONNX: graph.load_onnx reports it with a better message
+        return {}
+    props = {p.key: p.value for p in proto.metadata_props}
+    if registry.METADATA_KEY not in props:
+        return {}
+    try:
+        rec = json.loads(props[registry.METADATA_KEY])
+    except ValueError:
+        return {}
+    allowed = {"input_size", "resize_size", "interpolation", "mean", "std", "channel_order",
+               "layers", "default_layer", "description", "source", "license"}
+    out = {k: v for k, v in rec.items() if k in allowed}
+    for k in ("mean", "std"):
+        if k in out:
+            out[k] = tuple(float(v) for v in out[k])
+    return out
+
+
+@lru_cache(maxsize=32)
+def _derived_layers(path: str, sha256: str, input_size: int) -> dict[str, str]:
+    # keyed by the file's hash: a checked file always yields the same aliases
+    return derive_aliases(load_onnx(path), input_size)
