@@ -244,8 +244,9 @@ def convert_float16(
     returns as float32 like any other.
 
     fp16 is for CUDA and TensorRT, whose tensor cores run it; on a CPU it
-    is about twice as slow as fp32 (2.0x here, ``bench_providers.py``).
-    Measured on the 153 hymenoptera val photos with the shipped
+    is slower than fp32 (0.65x for Lite0 and 0.72x for ResNet-50 end-to-end
+    in ``benchmarks/RESULTS.md``). Its speed on a GPU has not been measured
+    here (no GPU was lent). Measured on the 153 hymenoptera val photos with the shipped
     EfficientNet-Lite0 on the CPU provider (``python benchmarks/run.py
     --sections providers``): ImageNet top-1 of the ants/bees 0.843/0.831
     against fp32's 0.829/0.831 (one photo more right), ``pooled`` cosine to
