@@ -189,7 +189,9 @@ def embed_dataframe(
         Its parameters are sent to the workers; each worker process fits its
         own copy once (see :func:`worker_embedder`). A relative ``model`` path
         or ``cache`` directory is resolved on each worker. ``None`` uses the
-        default model.
+        default model. With several worker processes on one machine, give it
+        ``inference_threads=cores // workers_per_machine`` so the workers'
+        ONNX Runtime sessions do not oversubscribe the cores.
     column : str or None
         For a DataFrame: the column of paths. ``None`` takes ``"path"`` if
         present, else the only column.

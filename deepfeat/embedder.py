@@ -100,6 +100,11 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         How a file is recognised: by a hash of its bytes, or (faster, for slow
         disks) by its path, size and timestamps, which trusts the file system
         to update them on every edit. In-memory PIL images are never cached.
+    inference_threads : int or None, default=None
+        Threads of the ONNX Runtime session (its intra-op pool); ``None``
+        lets ONNX Runtime use one per physical core. Set it when several
+        embedders share a machine (Dask workers, joblib processes), e.g.
+        cores // workers each, so they do not oversubscribe the cores.
 
     Attributes
     ----------
@@ -161,6 +166,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         "preprocessing": [dict, None],
         "cache": ["boolean", str, os.PathLike, None],
         "cache_key": [StrOptions(set(KEY_MODES))],
+        "inference_threads": [Interval(Integral, 1, None, closed="left"), None],
     }
 
     def __init__(
@@ -180,6 +186,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         preprocessing: dict | None = None,
         cache: bool | str | os.PathLike | None = None,
         cache_key: str = "content",
+        inference_threads: int | None = None,
     ):
         self.model = model
         self.layers = layers
@@ -196,6 +203,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         self.preprocessing = preprocessing
         self.cache = cache
         self.cache_key = cache_key
+        self.inference_threads = inference_threads
 
     # ------------------------------------------------------------------ fit
     def fit(self, X=None, y=None):
@@ -273,11 +281,16 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         if proto is None:
             proto = graph.load_onnx(self._verified_model_path())
         cut = graph.truncate(proto, [t for _, t in self.layers_])
-        self._runner = Runner.from_model(cut.SerializeToString(), self.providers, strict=self.strict_providers)
-        self._runner_key = copy.deepcopy((self.providers, self.strict_providers))
+        self._runner = Runner.from_model(cut.SerializeToString(), self.providers, strict=self.strict_providers,
+                                         intra_op_threads=self.inference_threads)
+        self._runner_key = self._session_params()
         # on an unpickled embedder this is the machine it runs on now
         self.providers_ = self._runner.providers
         return self._runner
+
+    def _session_params(self) -> tuple:
+        """The parameters a built session depends on without changing the vectors."""
+        return copy.deepcopy((self.providers, self.strict_providers, self.inference_threads))
 
     def _verified_model_path(self) -> Path:
         """The fitted model file, found again and checked when the session is rebuilt
@@ -297,8 +310,8 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
 
     def _get_runner(self) -> Runner:
         runner = getattr(self, "_runner", None)
-        if runner is None or getattr(self, "_runner_key", None) != (self.providers, self.strict_providers):
-            # no session yet (unpickled), or providers changed with set_params: (re)build it
+        if runner is None or getattr(self, "_runner_key", None) != self._session_params():
+            # no session yet (unpickled), or providers/threads changed with set_params: (re)build it
             return self._build_runner()
         return runner
 

@@ -123,3 +123,15 @@ def test_set_params_providers_after_fit_rebuilds_the_session(tiny_model_path, sa
     with pytest.warns(ProviderFallbackWarning, match=MISSING):
         np.testing.assert_array_equal(emb.transform(sample_photos), X)
     assert emb._runner is not first and emb.providers_ == ["CPUExecutionProvider"]
+
+
+def test_inference_threads_reach_the_session_and_set_params_rebuilds_it(tiny_model_path, sample_photos):
+    emb = ImageEmbedder(model=str(tiny_model_path), preprocessing=TINY_PREPROCESSING, progress=False,
+                        inference_threads=1).fit()
+    assert emb._runner.session.get_session_options().intra_op_num_threads == 1
+    X = emb.transform(sample_photos)
+    emb.set_params(inference_threads=2)
+    np.testing.assert_allclose(emb.transform(sample_photos), X, rtol=1e-6, atol=1e-6)  # no refit needed
+    assert emb._runner.session.get_session_options().intra_op_num_threads == 2
+    with pytest.raises(ValueError, match="inference_threads"):
+        clone(emb).set_params(inference_threads=0).fit()
