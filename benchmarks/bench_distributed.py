@@ -1,4 +1,4 @@
-"""Dask scaling: embedding the real photos on a LocalCluster of 1 and 2 worker processes.
+"""Dask scaling: embedding the real photos on a LocalCluster of 1 and 2 worker processes (2 also with one ORT thread each).
 
 Run: python benchmarks/bench_distributed.py [--quick]
 
@@ -49,12 +49,15 @@ def run(quick: bool = False) -> str:
         paths = paths[:64]
     repeat = 1 if quick else 3
     emb = ImageEmbedder(progress=False)
+    # one intra-op thread per worker: two workers then split the two cores instead of each taking both
+    emb_1thread = ImageEmbedder(progress=False, inference_threads=1)
+    setups = (("1", 1, emb), ("2", 2, emb), ("2, inference_threads=1", 2, emb_1thread))
     ddf = dd.from_pandas(pd.DataFrame({"path": paths}), npartitions=PARTITIONS)
 
     startup = {"in-process (no Dask)": _timed(lambda: worker_embedder(emb))}
     jobs = {"in-process (no Dask)": lambda: worker_embedder(emb).transform(paths)}
     with ExitStack() as stack:
-        for n in (1, 2):
+        for label, n, e in setups:
             t = time.perf_counter()
             cluster = stack.enter_context(
                 distributed.LocalCluster(
@@ -69,10 +72,10 @@ def run(quick: bool = False) -> str:
             )
             client = stack.enter_context(distributed.Client(cluster, set_as_default=False))
             client.wait_for_workers(n)
-            client.run(worker_embedder, emb)  # one session per worker, off the clock
-            startup[str(n)] = time.perf_counter() - t
-            client.compute(embed_dataframe(ddf.partitions[:n], emb)).result()  # warm the task path
-            jobs[str(n)] = lambda c=client: c.compute(embed_dataframe(ddf, emb)).result()
+            client.run(worker_embedder, e)  # one session per worker, off the clock
+            startup[label] = time.perf_counter() - t
+            client.compute(embed_dataframe(ddf.partitions[:n], e)).result()  # warm the task path
+            jobs[label] = lambda c=client, e=e: c.compute(embed_dataframe(ddf, e)).result()
         jobs["in-process (no Dask)"]()  # warm-up
         # rounds interleave the set-ups, so load from other processes hits them alike
         times: dict[str, list[float]] = {k: [] for k in jobs}
@@ -99,8 +102,9 @@ def run(quick: bool = False) -> str:
     lines += [
         "",
         "Two workers on one machine share its cores (each ONNX Runtime session uses one intra-op thread per "
-        "core), so locally they can only win by overlapping one worker's decoding with the other's inference; "
-        "workers on more machines, or more cores, are where the throughput grows.",
+        "core, unless `inference_threads` says otherwise), so locally they can only win by overlapping one "
+        "worker's decoding with the other's inference; workers on more machines, or more cores, are where the "
+        "throughput grows.",
         "",
         f"Command: `{COMMAND}{' --quick' if quick else ''}`",
         "",
