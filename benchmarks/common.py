@@ -29,7 +29,7 @@ def best_of(fn, repeat: int = 3) -> float:
 
 
 def gpu() -> str | None:
-    """The CUDA GPU onnxruntime can use here, as nvidia-smi names it, or None."""
+    """GPU 0 (the one ``cuda_provider(0)`` runs on), as nvidia-smi names it, if onnxruntime can use CUDA."""
     import subprocess
 
     import onnxruntime
@@ -37,7 +37,7 @@ def gpu() -> str | None:
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         return None
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+        out = subprocess.run(["nvidia-smi", "-i", "0", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         out = ""

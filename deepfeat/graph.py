@@ -12,6 +12,8 @@ from onnx import shape_inference
 __all__ = ["layer_table", "truncate", "resolve_layers", "load_onnx"]
 
 _FEATURE_RANKS = (2, 4)
+#: element types of feature tensors (float16 and bfloat16 in half-precision copies)
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
 
 
 class LayerError(ValueError):
@@ -54,7 +56,7 @@ def _with_input_size(model: onnx.ModelProto, input_size: int | None) -> onnx.Mod
 
 
 def tensor_shapes(model: onnx.ModelProto, input_size: int | None = None) -> dict[str, tuple]:
-    """Shapes of the rank-2 and rank-4 float tensors for one ``input_size`` image.
+    """Shapes of the rank-2 and rank-4 floating-point tensors for one ``input_size`` image.
 
     ONNX shape inference alone leaves spatial dims unknown behind ops such as
     computed ``Pad``; running one zero image through ONNX Runtime with every
@@ -73,7 +75,7 @@ def tensor_shapes(model: onnx.ModelProto, input_size: int | None = None) -> dict
     inferred = _with_input_size(model, input_size)
     g = inferred.graph
     ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in list(g.value_info) + list(g.output)}
-    floats = {vi.name for vi in list(g.value_info) + list(g.output) if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    floats = {vi.name for vi in list(g.value_info) + list(g.output) if vi.type.tensor_type.elem_type in _FLOAT_TYPES}
     candidates = [o for n in g.node for o in n.output if ranks.get(o) in _FEATURE_RANKS and o in floats]
     probe = onnx.ModelProto()
     probe.CopyFrom(model)

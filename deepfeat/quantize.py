@@ -244,9 +244,8 @@ def convert_float16(
     returns as float32 like any other.
 
     fp16 is for CUDA and TensorRT, whose tensor cores run it; on a CPU it
-    is slower than fp32 (0.65x for Lite0 and 0.72x for ResNet-50 end-to-end
-    in ``benchmarks/RESULTS.md``). Its speed on a GPU has not been measured
-    here (no GPU was lent). Measured on the 153 hymenoptera val photos with the shipped
+    is slower than fp32 (Lite0 about 0.6x, ``benchmarks/RESULTS.md``). Its
+    speed on a GPU has not been measured here (no GPU was lent). Measured on the 153 hymenoptera val photos with the shipped
     EfficientNet-Lite0 on the CPU provider (``python benchmarks/run.py
     --sections providers``): ImageNet top-1 of the ants/bees 0.843/0.831
     against fp32's 0.829/0.831 (one photo more right), ``pooled`` cosine to
@@ -273,11 +272,13 @@ def convert_float16(
     >>> import tempfile, pathlib
     >>> from deepfeat import ImageEmbedder
     >>> from deepfeat.quantize import convert_float16
-    >>> out = convert_float16("efficientnet_lite0", pathlib.Path(tempfile.mkdtemp()) / "lite0-fp16.onnx")
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> out = convert_float16("efficientnet_lite0", pathlib.Path(tmp.name) / "lite0-fp16.onnx")
     >>> round(out.stat().st_size / 1e6, 1)
     9.4
     >>> ImageEmbedder(model=out, layers=["stage4", "pooled"]).fit().n_features_out_
     1392
+    >>> tmp.cleanup()
     """
     # the converter lives in ORT's transformers tools; imported here, as only this function needs it
     from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -289,6 +290,13 @@ def convert_float16(
     source = load_onnx(path)
     aliased = dict(spec.layers)
     _check_tensors(source, aliased, f"source model {path}")
+    # files that also list their weights as graph inputs (IR < 4) would keep them float32 behind
+    # Cast nodes, since the converter keeps every graph input's type: list only the real inputs
+    weights = {t.name for t in source.graph.initializer}
+    real_inputs = [i for i in source.graph.input if i.name not in weights]
+    del source.graph.input[:]
+    source.graph.input.extend(real_inputs)
+    source.ir_version = max(source.ir_version, 4)
     proto = convert_float_to_float16(source, keep_io_types=True)
     _sort_nodes(proto.graph)
     _check_tensors(proto, aliased, "the fp16 model")
@@ -302,22 +310,49 @@ def _sort_nodes(graph) -> None:
     """Order nodes so each comes after its inputs' producers (the ONNX checker requires it).
 
     The fp16 converter appends the Cast nodes of the input at the end of the
-    node list.
+    node list. Each node keeps its place unless a producer must come first
+    (depth-first, in the original order), so the layer table keeps its graph
+    order; names read inside If/Loop/Scan bodies count as the node's inputs.
     """
-    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending = list(graph.node)
-    ordered = []
-    while pending:
-        rest = [n for n in pending if not all(i in ready for i in n.input)]
-        done = [n for n in pending if all(i in ready for i in n.input)]
-        if not done:
-            raise QuantizationError(f"The fp16 graph has a cycle or an unproduced input at node {rest[0].name!r}.")
-        for n in done:
-            ready.update(n.output)
-        ordered.extend(done)
-        pending = rest
+    producer = {o: n for n in graph.node for o in n.output if o}
+    done: set[int] = set()
+    ordered: list = []
+    for root in list(graph.node):
+        # iterative depth-first walk (a long chain would overflow Python's recursion limit)
+        stack, on_path = [(root, False)], set()
+        while stack:
+            node, expanded = stack.pop()
+            if id(node) in done:
+                continue
+            if expanded:
+                on_path.discard(id(node))
+                done.add(id(node))
+                ordered.append(node)
+                continue
+            if id(node) in on_path:
+                raise QuantizationError(f"The fp16 graph has a cycle through node {node.name!r}.")
+            on_path.add(id(node))
+            stack.append((node, True))
+            needs = list(node.input) + sorted(_outer_names(node))
+            for name in reversed(needs):
+                if name in producer and id(producer[name]) not in done:
+                    stack.append((producer[name], False))
     del graph.node[:]
     graph.node.extend(ordered)
+
+
+def _outer_names(node) -> set[str]:
+    """Names a node's subgraphs read from the enclosing graph."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            local = {i.name for i in sub.input} | {t.name for t in sub.initializer}
+            local |= {o for n in sub.node for o in n.output}
+            for n in sub.node:
+                names |= {i for i in n.input if i and i not in local}
+                names |= _outer_names(n) - local
+            names |= {o.name for o in sub.output if o.name not in local}
+    return names
 
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:

@@ -215,11 +215,13 @@ def create_session(
     return sess
 
 
-#: providers whose memory is not host memory: inputs/outputs go through IOBinding
+#: providers whose memory is not host memory: inputs/outputs go through IOBinding, with
+#: outputs allocated on this ORT device type (ROCm has none that ORT's Python API names
+#: portably, so it runs without IOBinding)
 _DEVICE_PROVIDERS = {
     "CUDAExecutionProvider": "cuda",
     "TensorrtExecutionProvider": "cuda",
-    "ROCMExecutionProvider": "cuda",
+    "ROCMExecutionProvider": None,
     "DmlExecutionProvider": "dml",
 }
 
@@ -238,14 +240,14 @@ def session_device(session: ort.InferenceSession) -> tuple[str, int]:
     """
     first = session.get_providers()[0]
     opts = session.get_provider_options().get(first, {})
-    return _DEVICE_PROVIDERS.get(first, "cpu"), int(opts.get("device_id") or 0)
+    return _DEVICE_PROVIDERS.get(first) or "cpu", int(opts.get("device_id") or 0)
 
 
 @dataclass
 class Runner:
     """A session plus the names it needs; ``run`` maps an NCHW batch to outputs.
 
-    On a device provider (CUDA, TensorRT, ROCm, DirectML) each batch goes
+    On CUDA, TensorRT and DirectML each batch goes
     through ONNX Runtime's IOBinding: the input is copied to the device once,
     the outputs are copied back once, with no per-output host round trip.
     """
@@ -263,7 +265,7 @@ class Runner:
     ) -> "Runner":
         sess = create_session(model, providers, **kw)
         if io_binding is None:
-            io_binding = sess.get_providers()[0] in _DEVICE_PROVIDERS
+            io_binding = _DEVICE_PROVIDERS.get(sess.get_providers()[0]) is not None
         return cls(sess, sess.get_inputs()[0].name, [o.name for o in sess.get_outputs()], io_binding,
                    session_device(sess))
 

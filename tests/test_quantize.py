@@ -166,3 +166,49 @@ def test_float16_shipped_model_on_real_photos(tmp_path, sample_photos):
 def test_float16_refuses_to_overwrite_its_source(tiny_model_path):
     with pytest.raises(ValueError, match="source model file"):
         convert_float16(tiny_model_path, tiny_model_path, preprocessing=TINY_PREPROCESSING)
+
+
+def test_float16_layer_table_matches_fp32_in_graph_order(tmp_path):
+    from deepfeat import list_layers
+
+    out = convert_float16("efficientnet_lite0", tmp_path / "lite0-fp16.onnx")
+    ref = list_layers("efficientnet_lite0", aliases_only=True)
+    half = list_layers(out, aliases_only=True)
+    assert half[["name", "alias", "shape"]].values.tolist() == ref[["name", "alias", "shape"]].values.tolist()
+
+
+def test_float16_of_a_file_listing_its_weights_as_inputs(tmp_path):
+    # old exporters (IR 3) list every weight as a graph input too; those must become fp16 as well
+    from .conftest import build_tiny_cnn
+
+    model = build_tiny_cnn()
+    model.graph.input.extend(
+        onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in model.graph.initializer
+    )
+    src = tmp_path / "tiny-ir3.onnx"
+    onnx.save(model, str(src))
+    proto = load_onnx(convert_float16(src, tmp_path / "tiny-ir3-fp16.onnx", preprocessing=TINY_PREPROCESSING))
+    assert {t.data_type for t in proto.graph.initializer} == {onnx.TensorProto.FLOAT16}
+    assert [i.name for i in proto.graph.input] == ["input"]
+
+
+def test_float16_sort_keeps_subgraph_reads_after_their_producers(tmp_path):
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    # an If whose branches read tensors of the outer graph
+    then_g = h.make_graph([h.make_node("Identity", ["b"], ["t"])], "then", [], [h.make_tensor_value_info("t", T.FLOAT, [1, 4])])
+    else_g = h.make_graph([h.make_node("Identity", ["a"], ["e"])], "else", [], [h.make_tensor_value_info("e", T.FLOAT, [1, 4])])
+    nodes = [h.make_node("Relu", ["x"], ["a"]), h.make_node("Relu", ["a"], ["b"]),
+             h.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 4]),
+                                  h.make_tensor_value_info("cond", T.BOOL, [])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [1, 4])])
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 8
+    src = tmp_path / "if.onnx"
+    onnx.save(model, str(src))
+    out = convert_float16(src, tmp_path / "if-fp16.onnx", preprocessing={"layers": {"a": "a"}, "default_layer": "a"})
+    proto = load_onnx(out)  # raises if a node reads a tensor before its producer
+    order = [n.output[0] for n in proto.graph.node]
+    assert order.index("b") < order.index("y") and order.index("a") < order.index("b")
