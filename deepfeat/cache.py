@@ -1,16 +1,18 @@
-"""Persistent feature cache: float32 vectors on disk, keyed by image content x feature settings.
+"""The feature store: float32 vectors on disk, keyed by ``(fingerprint, key)``.
 
-A cache is a directory holding one SQLite database (``features.sqlite3``). A
-vector is stored under ``(fingerprint, key)``:
+A cache is a directory holding one SQLite database (``features.sqlite3``). It
+answers five questions and drives nothing: :meth:`FeatureCache.get_into`
+(which of these keys are stored, copied straight into the caller's array),
+:meth:`~FeatureCache.put` (store vectors), :meth:`~FeatureCache.claim` and
+:meth:`~FeatureCache.release` (who computes which image now), and
+:meth:`~FeatureCache.info`. The loop that uses them is
+:func:`deepfeat.engine.embed`; keys and fingerprints come from
+:mod:`deepfeat.keys`. :class:`NullStore` is the same interface storing nothing,
+which is what ``cache=None`` runs on.
 
-* the *key* says which image: a BLAKE2b hash of the file's bytes (``"content"``
-  mode), or, in the documented fast ``"stat"`` mode, a hash of the file's real
-  path, inode, size, mtime and ctime. Encoded bytes and ``uint8`` arrays are
-  hashed as they are; in-memory PIL images have no stable identity and are
-  never cached.
-* the *fingerprint* says which features: a SHA-256 over everything that changes
-  the vector (model file hash, cut tensors, pooling, preprocessing, the
-  library's feature-format version), see :func:`feature_fingerprint`.
+Vectors are stored per layer: a fingerprint names one layer's features (model
+file hash, tensor, pooling, preprocessing), so ``layers=["stage4", "pooled"]``
+after ``"pooled"`` reads ``pooled`` back and computes only ``stage4``.
 
 Why SQLite, and how it is used:
 
@@ -30,11 +32,12 @@ Why SQLite, and how it is used:
 * One connection per process and thread, re-opened when the pid changes (a
   fork) or the file was replaced; a pickled :class:`FeatureCache` holds only
   its settings, never a connection.
-* Images being computed are *claimed* in a table, so concurrent processes
-  (``GridSearchCV(n_jobs=2)``, two CLI runs) split the work and wait for each
-  other instead of running the network twice on the same image. Claims of a
-  process that died (its pid is gone, or it stopped updating its heartbeat)
-  are taken over.
+* Claims: an image being computed is claimed under a *scope* (the model and
+  preprocessing that decode and run it), a window of about one batch at a
+  time, so concurrent processes each compute a share and wait only for the
+  images another one holds. A claim costs O(window) whatever the size of the
+  job. Claims of a process that died (its pid is gone, or it stopped updating
+  its heartbeat) are taken over.
 """
 
 from __future__ import annotations
@@ -45,27 +48,24 @@ import logging
 import os
 import socket
 import sqlite3
-import stat as stat_module
 import threading
 import time
 import uuid
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
 __all__ = [
     "FeatureCache",
+    "NullStore",
+    "StoreBatch",
     "CacheError",
     "CacheCorruptError",
     "DB_NAME",
-    "KEY_MODES",
-    "cached_compute",
-    "content_key",
     "default_cache_dir",
-    "feature_fingerprint",
+    "new_owner",
     "open_cache",
     "resolve_cache_dir",
 ]
@@ -74,8 +74,6 @@ logger = logging.getLogger(__name__)
 
 #: file name of the database inside a cache directory
 DB_NAME = "features.sqlite3"
-#: accepted values of ``key_mode`` / ``ImageEmbedder(cache_key=...)``
-KEY_MODES = ("content", "stat")
 #: bump when the tables change incompatibly; older files are refused with advice
 SCHEMA_VERSION = 1
 #: keys per SQL statement (SQLite's variable limit is 999 on old builds)
@@ -173,108 +171,6 @@ def resolve_cache_dir(cache: bool | str | os.PathLike | None) -> Path | None:
     return path
 
 
-# --------------------------------------------------------------------- keys
-def feature_fingerprint(parts: Mapping[str, Any]) -> str:
-    """SHA-256 hex digest of everything that determines a feature vector.
-
-    ``parts`` must be JSON-serialisable; key order does not matter.
-
-    Examples
-    --------
-    >>> a = feature_fingerprint({"model_sha256": "ab", "pooling": "avg"})
-    >>> a == feature_fingerprint({"pooling": "avg", "model_sha256": "ab"})
-    True
-    >>> a == feature_fingerprint({"model_sha256": "ab", "pooling": "max"})
-    False
-    """
-    blob = json.dumps(dict(parts), sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _file_stamp(st: os.stat_result) -> tuple[int, int, int, int]:
-    # ctime cannot be set by tools that preserve mtime (cp -p, rsync -t), so an
-    # edit always changes the stamp
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def content_key(item: Any, mode: str = "content") -> tuple[str | None, tuple | None]:
-    """Cache key of one input, and the file stamp that must still hold when storing.
-
-    Parameters
-    ----------
-    item : path, bytes, ndarray or other
-        What :class:`~deepfeat.ImageEmbedder` accepts.
-    mode : {"content", "stat"}
-        ``"content"`` hashes the file's bytes (an edited file always misses).
-        ``"stat"`` hashes real path, inode, size, mtime and ctime instead, with
-        no read: much faster on slow disks, but it trusts the file system's
-        timestamps (an edit that keeps all of them returns the old vector).
-
-    Returns
-    -------
-    key : str or None
-        ``None`` when the input cannot be cached (unreadable file, PIL image).
-    stamp : tuple or None
-        ``(inode, size, mtime_ns, ctime_ns)`` of a file before it was read, so
-        a file edited while being embedded is not stored under its old key.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> key, stamp = content_key(np.zeros((2, 2, 3), np.uint8))
-    >>> key[:2], stamp
-    ('a:', None)
-    >>> content_key(b"abc")[0] == content_key(bytearray(b"abc"))[0]
-    True
-    """
-    if mode not in KEY_MODES:
-        raise ValueError(f"mode must be one of {KEY_MODES}; got {mode!r}.")
-    if isinstance(item, (str, os.PathLike)):
-        path = os.fspath(item)
-        try:
-            st = os.stat(path)
-            if not stat_module.S_ISREG(st.st_mode):
-                return None, None
-            stamp = _file_stamp(st)
-            if mode == "stat":
-                ident = "\0".join(map(str, (os.path.realpath(path),) + stamp))
-                return "s:" + hashlib.blake2b(ident.encode(), digest_size=16).hexdigest(), stamp
-            h = hashlib.blake2b(digest_size=16)
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-        except OSError:
-            return None, None  # the decoder reports the reason
-        # same prefix as raw bytes: a file and its bytes decode identically
-        return "c:" + h.hexdigest(), stamp
-    if isinstance(item, (bytes, bytearray, memoryview)):
-        return "c:" + hashlib.blake2b(bytes(item), digest_size=16).hexdigest(), None
-    if isinstance(item, np.ndarray) and item.dtype != object:
-        h = hashlib.blake2b(f"{item.dtype.str}{item.shape}".encode(), digest_size=16)
-        h.update(np.ascontiguousarray(item).data)
-        return "a:" + h.hexdigest(), None
-    return None, None
-
-
-def _content_keys(items: Sequence, mode: str, threads: int) -> tuple[list, list]:
-    if threads > 1 and len(items) > 16:
-        # hashing releases the GIL; file reads overlap
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="deepfeat-hash") as ex:
-            pairs = list(ex.map(lambda it: content_key(it, mode), items, chunksize=8))
-    else:
-        pairs = [content_key(it, mode) for it in items]
-    return [k for k, _ in pairs], [s for _, s in pairs]
-
-
-def _stamp_holds(item: Any, stamp: tuple | None) -> bool:
-    if stamp is None:
-        return True
-    try:
-        return _file_stamp(os.stat(os.fspath(item))) == stamp
-    except OSError:
-        return False
-
-
 # ------------------------------------------------------------------- errors
 def _is_busy(exc: sqlite3.Error) -> bool:
     name = getattr(exc, "sqlite_errorname", "")
@@ -308,8 +204,30 @@ _HOST = socket.gethostname()
 _INHERITED: list[sqlite3.Connection] = []
 
 
-def _owner_id() -> str:
+def new_owner() -> str:
+    """A claim owner id for this process: ``host:pid:random``, so a dead pid is recognised.
+
+    Examples
+    --------
+    >>> new_owner().count(":") >= 2
+    True
+    """
     return f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+def _scope_id(scope: str) -> int:
+    # claims live in their own id space (60-bit hashes), apart from the
+    # fingerprints table's small row ids: no row per scope, no schema change
+    return int(hashlib.sha256(scope.encode()).hexdigest()[:15], 16)
+
+
+class StoreBatch(NamedTuple):
+    """One layer's vectors for :meth:`FeatureCache.put`."""
+
+    fingerprint: str
+    keys: Sequence[str]
+    vectors: np.ndarray
+    description: Mapping | None = None
 
 
 def _chunks(seq: Sequence, n: int = _SQL_CHUNK) -> Iterator[Sequence]:
@@ -366,7 +284,10 @@ class FeatureCache:
         self.claim_timeout = float(claim_timeout)
         self.check = bool(check)
         self._local = threading.local()
-        self._fp_ids: dict[tuple[int, str], int] = {}
+        self._fp_ids: dict[tuple[int, str], tuple[int, int]] = {}
+
+    #: the engine computes image keys only for a store that keeps vectors
+    persistent = True
 
     def __repr__(self) -> str:
         return f"FeatureCache({os.fspath(self.directory)!r})"
@@ -518,48 +439,95 @@ class FeatureCache:
         self._local = threading.local()
 
     # ---------------------------------------------------------- fingerprints
-    def _fp_id(
+    def _fp_row(
         self, con: sqlite3.Connection, fingerprint: str, dim: int | None = None, description: Mapping | None = None
-    ) -> int | None:
-        """Row id of ``fingerprint``; registered when ``dim`` is given (inside a write)."""
+    ) -> tuple[int, int] | None:
+        """``(row id, dim)`` of ``fingerprint``; registered when ``dim`` is given (inside a write)."""
         memo = (id(con), fingerprint)
         if memo in self._fp_ids:
-            return self._fp_ids[memo]
-        row = con.execute("SELECT id, dim FROM fingerprints WHERE fingerprint=?", (fingerprint,)).fetchone()
-        if row is None:
-            if dim is None:
-                return None
-            desc = json.dumps(dict(description or {}), sort_keys=True)
-            cur = con.execute(
-                "INSERT INTO fingerprints (fingerprint, dim, description, created) VALUES (?, ?, ?, ?)",
-                (fingerprint, int(dim), desc, time.time()),
-            )
-            # not memoised: the transaction may still roll back
-            return int(cur.lastrowid)
-        if dim is not None and int(row[1]) != int(dim):
+            fp, stored = self._fp_ids[memo]
+        else:
+            row = con.execute("SELECT id, dim FROM fingerprints WHERE fingerprint=?", (fingerprint,)).fetchone()
+            if row is None:
+                if dim is None:
+                    return None
+                desc = json.dumps(dict(description or {}), sort_keys=True)
+                cur = con.execute(
+                    "INSERT INTO fingerprints (fingerprint, dim, description, created) VALUES (?, ?, ?, ?)",
+                    (fingerprint, int(dim), desc, time.time()),
+                )
+                # not memoised: the transaction may still roll back
+                return int(cur.lastrowid), int(dim)
+            fp, stored = int(row[0]), int(row[1])
+            self._fp_ids[memo] = (fp, stored)
+        if dim is not None and stored != int(dim):
             raise CacheCorruptError(
-                self.path, f"fingerprint {fingerprint[:12]} holds {row[1]}-d vectors, got {dim}-d ones"
+                self.path, f"fingerprint {fingerprint[:12]} holds {stored}-d vectors, got {dim}-d ones"
             )
-        self._fp_ids[memo] = int(row[0])
-        return int(row[0])
+        return fp, stored
 
     # --------------------------------------------------------------- vectors
-    def _select(self, con: sqlite3.Connection, fp: int, keys: Sequence[str]) -> dict[str, np.ndarray]:
-        found: dict[str, np.ndarray] = {}
-        dim = con.execute("SELECT dim FROM fingerprints WHERE id=?", (fp,)).fetchone()[0]
-        for part in _chunks(list(keys)):
-            marks = ",".join("?" * len(part))
-            rows = con.execute(
-                f"SELECT key, vector, crc FROM vectors WHERE fp=? AND key IN ({marks})", (fp, *part)
-            ).fetchall()
-            for key, blob, crc in rows:
-                if len(blob) != dim * _VECTOR_DTYPE.itemsize or _crc(key, blob) != crc:
-                    raise CacheCorruptError(self.path, f"checksum mismatch in the vector stored for key {key}")
-                found[key] = np.frombuffer(blob, dtype=_VECTOR_DTYPE)
+    def get_into(
+        self,
+        fingerprint: str,
+        keys: Sequence[str],
+        out: np.ndarray,
+        rows: Sequence[int] | np.ndarray,
+        cols: slice = slice(None),
+    ) -> np.ndarray:
+        """Copy the stored vectors of ``keys`` into ``out[rows[i], cols]``; return which were found.
+
+        One indexed lookup per chunk of 500 keys; each row is checked against
+        its checksum and copied straight into ``out``, with no intermediate
+        dictionary or array.
+
+        Returns
+        -------
+        ndarray of bool, shape (len(keys),)
+
+        Raises
+        ------
+        CacheCorruptError
+            A row does not match its checksum or length.
+
+        Examples
+        --------
+        >>> import tempfile, numpy as np
+        >>> cache = FeatureCache(tempfile.mkdtemp())
+        >>> cache.put_many("fp", ["a"], np.ones((1, 2), np.float32))
+        1
+        >>> out = np.zeros((3, 4), np.float32)
+        >>> cache.get_into("fp", ["b", "a"], out, [0, 2], slice(2, 4)).tolist(), out[2].tolist()
+        ([False, True], [0.0, 0.0, 1.0, 1.0])
+        """
+        found = np.zeros(len(keys), dtype=bool)
+        if not len(keys) or not self.path.exists():
+            return found
+
+        def read(con):
+            row = self._fp_row(con, fingerprint)
+            if row is None:
+                return
+            fp, dim = row
+            nbytes = dim * _VECTOR_DTYPE.itemsize
+            for start in range(0, len(keys), _SQL_CHUNK):
+                part = keys[start : start + _SQL_CHUNK]
+                index = {k: start + i for i, k in enumerate(part)}
+                marks = ",".join("?" * len(part))
+                for key, blob, crc in con.execute(
+                    f"SELECT key, vector, crc FROM vectors WHERE fp=? AND key IN ({marks})", (fp, *part)
+                ):
+                    if len(blob) != nbytes or _crc(key, blob) != crc:
+                        raise CacheCorruptError(self.path, f"checksum mismatch in the vector stored for key {key}")
+                    i = index[key]
+                    out[rows[i], cols] = np.frombuffer(blob, dtype=_VECTOR_DTYPE)
+                    found[i] = True
+
+        self._read(read)
         return found
 
     def get_many(self, fingerprint: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
-        """The stored vectors of ``keys`` (those present), verified against their checksums.
+        """The stored vectors of ``keys`` (those present) as a dict, verified against their checksums.
 
         Raises
         ------
@@ -569,88 +537,96 @@ class FeatureCache:
         if not keys or not self.path.exists():
             return {}
 
-        def read(con):
-            fp = self._fp_id(con, fingerprint)
-            return {} if fp is None else self._select(con, fp, keys)
+        def dim_of(con):
+            row = self._fp_row(con, fingerprint)
+            return None if row is None else row[1]
 
-        return self._read(read)
+        dim = self._read(dim_of)
+        if dim is None:
+            return {}
+        keys = list(keys)
+        out = np.empty((len(keys), dim), dtype=_VECTOR_DTYPE)
+        found = self.get_into(fingerprint, keys, out, np.arange(len(keys)))
+        return {k: out[i] for i, k in enumerate(keys) if found[i]}
 
-    def put_many(
-        self,
-        fingerprint: str,
-        keys: Sequence[str],
-        vectors: np.ndarray,
-        *,
-        description: Mapping | None = None,
-        owner: str | None = None,
-    ) -> int:
-        """Store one vector per key in a single transaction; return how many were new.
+    def put(self, batches: Sequence["StoreBatch"], *, owner: str | None = None, scope: str | None = None,
+            release: Sequence[str] = ()) -> int:
+        """Store several layers' vectors in one transaction; return how many rows were new.
 
         Existing rows are kept (the first writer wins, so readers never see a
-        vector change). ``vectors`` counts towards the fingerprint's
-        ``computed`` total reported by :meth:`info`. Claims on these keys are
-        dropped; ``owner``'s other claims get a fresh heartbeat.
+        vector change). Each batch's vectors count towards its fingerprint's
+        ``computed`` total reported by :meth:`info`. In the same transaction,
+        ``owner``'s claims on ``release`` (under ``scope``) are dropped, so
+        other processes see the vectors and the freed claims at once.
         """
-        vectors = np.asarray(vectors)
-        if vectors.ndim != 2 or len(vectors) != len(keys):
-            raise ValueError(f"Expected a (len(keys), dim) array for {len(keys)} keys; got shape {vectors.shape}.")
-        if not np.isfinite(vectors).all():
-            raise ValueError("Refusing to cache vectors with NaN or infinite values.")
-        if not keys:
+        checked = []
+        for b in batches:
+            vectors = np.asarray(b.vectors)
+            if vectors.ndim != 2 or len(vectors) != len(b.keys):
+                raise ValueError(
+                    f"Expected a (len(keys), dim) array for {len(b.keys)} keys; got shape {vectors.shape}."
+                )
+            if not np.isfinite(vectors).all():
+                raise ValueError("Refusing to cache vectors with NaN or infinite values.")
+            if len(b.keys):
+                vectors = np.ascontiguousarray(vectors, dtype=_VECTOR_DTYPE)
+                checked.append((b, vectors, [v.tobytes() for v in vectors]))
+        if not checked and not (owner and release):
             return 0
-        vectors = np.ascontiguousarray(vectors, dtype=_VECTOR_DTYPE)
-        blobs = [v.tobytes() for v in vectors]
 
         def write(con):
-            fp = self._fp_id(con, fingerprint, vectors.shape[1], description)
-            before = con.total_changes
-            con.executemany(
-                "INSERT OR IGNORE INTO vectors (fp, key, vector, crc) VALUES (?, ?, ?, ?)",
-                [(fp, k, b, _crc(k, b)) for k, b in zip(keys, blobs)],
-            )
-            new = con.total_changes - before
-            con.execute("UPDATE fingerprints SET computed = computed + ? WHERE id=?", (len(keys), fp))
-            for part in _chunks(list(keys)):
-                con.execute(
-                    f"DELETE FROM claims WHERE fp=? AND key IN ({','.join('?' * len(part))})", (fp, *part)
+            new = 0
+            for b, vectors, blobs in checked:
+                fp, _ = self._fp_row(con, b.fingerprint, vectors.shape[1], b.description)
+                before = con.total_changes
+                con.executemany(
+                    "INSERT OR IGNORE INTO vectors (fp, key, vector, crc) VALUES (?, ?, ?, ?)",
+                    [(fp, k, blob, _crc(k, blob)) for k, blob in zip(b.keys, blobs)],
                 )
+                new += con.total_changes - before
+                con.execute("UPDATE fingerprints SET computed = computed + ? WHERE id=?", (len(b.keys), fp))
             if owner is not None:
+                if release:
+                    self._drop_claims(con, owner, _scope_id(scope or ""), release)
+                # the owner is alive: its other claims get a fresh heartbeat
                 con.execute("UPDATE claims SET heartbeat=? WHERE owner=?", (time.time(), owner))
             return new
 
         return self._write(write)
 
-    # ---------------------------------------------------------------- claims
-    def claim(
-        self,
-        fingerprint: str,
-        keys: Sequence[str],
-        *,
-        owner: str,
-        limit: int,
-        dim: int,
-        description: Mapping | None = None,
-    ) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
-        """Atomically sort ``keys`` into stored, claimed now by ``owner``, and claimed by others.
+    def put_many(
+        self, fingerprint: str, keys: Sequence[str], vectors: np.ndarray, *, description: Mapping | None = None
+    ) -> int:
+        """Store one vector per key of one fingerprint in a single transaction; return how many were new.
 
-        Returns ``(found, mine, others)``: vectors stored meanwhile, up to
-        ``limit`` keys ``owner`` must now compute (and then :meth:`put_many` or
-        :meth:`release`), and keys another live process is computing. Claims of
-        dead processes are taken over.
+        See :meth:`put` for several layers and claims in one transaction.
         """
+        return self.put([StoreBatch(fingerprint, list(keys), vectors, description)])
+
+    # ---------------------------------------------------------------- claims
+    def claim(self, scope: str, keys: Sequence[str], *, owner: str) -> tuple[list[str], list[str]]:
+        """Atomically claim the free ``keys`` for ``owner``: return ``(mine, others)``.
+
+        ``mine`` are the keys ``owner`` must now compute (then :meth:`put` with
+        ``release=`` or :meth:`release`), including those it already held;
+        ``others`` are keys another live process is computing. Claims of dead
+        processes are taken over. Pass a window of about one batch: the cost is
+        O(len(keys)), and a small window lets other processes take the next one.
+        """
+        if not len(keys):
+            return [], []
         now = time.time()
-        host, pid, _ = owner.rsplit(":", 2)
-        pid = int(pid)
+        host, pid_text, _ = owner.rsplit(":", 2)
+        pid = int(pid_text)
+        sid = _scope_id(scope)
 
         def write(con):
-            fp = self._fp_id(con, fingerprint, dim, description)
-            found = self._select(con, fp, keys)
-            rest = [k for k in keys if k not in found]
             held: dict[str, tuple] = {}
-            for part in _chunks(rest):
+            for part in _chunks(list(keys)):
                 marks = ",".join("?" * len(part))
                 for key, o, h, p, beat in con.execute(
-                    f"SELECT key, owner, host, pid, heartbeat FROM claims WHERE fp=? AND key IN ({marks})", (fp, *part)
+                    f"SELECT key, owner, host, pid, heartbeat FROM claims WHERE fp=? AND key IN ({marks})",
+                    (sid, *part),
                 ):
                     held[key] = (o, h, p, beat)
             stale = []
@@ -669,37 +645,39 @@ class FeatureCache:
                 logger.info("taking over %d claims of processes that died or stalled", len(stale))
                 for part in _chunks(stale):
                     con.execute(
-                        f"DELETE FROM claims WHERE fp=? AND key IN ({','.join('?' * len(part))})", (fp, *part)
+                        f"DELETE FROM claims WHERE fp=? AND key IN ({','.join('?' * len(part))})", (sid, *part)
                     )
                 for key in stale:
                     del held[key]
-            mine = [k for k in rest if k in held and held[k][0] == owner]
-            free = [k for k in rest if k not in held]
-            new = free[: max(0, limit - len(mine))]
+            free = [k for k in keys if k not in held]
             con.executemany(
                 "INSERT INTO claims (fp, key, owner, host, pid, heartbeat) VALUES (?, ?, ?, ?, ?, ?)",
-                [(fp, k, owner, host, pid, now) for k in new],
+                [(sid, k, owner, host, pid, now) for k in free],
             )
-            others = [k for k in rest if k in held and held[k][0] != owner]
-            return found, mine + new, others
+            mine = [k for k in keys if k not in held or held[k][0] == owner]
+            others = [k for k in keys if k in held and held[k][0] != owner]
+            return mine, others
 
         return self._write(write)
 
-    def release(self, owner: str, keys: Iterable[str] | None = None, fingerprint: str | None = None) -> None:
-        """Drop ``owner``'s claims (all of them, or those on ``keys`` of ``fingerprint``)."""
+    @staticmethod
+    def _drop_claims(con: sqlite3.Connection, owner: str, sid: int, keys: Iterable[str]) -> None:
+        for part in _chunks(list(keys)):
+            con.execute(
+                f"DELETE FROM claims WHERE owner=? AND fp=? AND key IN ({','.join('?' * len(part))})",
+                (owner, sid, *part),
+            )
+
+    def release(self, owner: str, keys: Iterable[str] | None = None, scope: str | None = None) -> None:
+        """Drop ``owner``'s claims: all of them, or those on ``keys`` under ``scope``."""
         if not self.path.exists():
             return
 
         def write(con):
             if keys is None:
                 con.execute("DELETE FROM claims WHERE owner=?", (owner,))
-                return
-            fp = self._fp_id(con, fingerprint)
-            for part in _chunks(list(keys)):
-                con.execute(
-                    f"DELETE FROM claims WHERE owner=? AND fp=? AND key IN ({','.join('?' * len(part))})",
-                    (owner, fp, *part),
-                )
+            else:
+                self._drop_claims(con, owner, _scope_id(scope or ""), keys)
 
         self._write(write)
 
@@ -777,6 +755,39 @@ class FeatureCache:
         return removed
 
 
+class NullStore:
+    """The store interface that stores nothing: what ``cache=None`` runs on.
+
+    Nothing is found, every claim is granted, nothing is kept; the engine runs
+    the same path as with a :class:`FeatureCache`, and computes no image keys
+    (``persistent`` is false).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> store = NullStore()
+    >>> store.get_into("fp", ["a"], np.zeros((1, 1)), [0]).tolist(), store.claim("s", ["a"], owner="h:1:x")
+    ([False], (['a'], []))
+    """
+
+    persistent = False
+
+    def get_into(self, fingerprint, keys, out, rows, cols=slice(None)) -> np.ndarray:
+        return np.zeros(len(keys), dtype=bool)
+
+    def put(self, batches, *, owner=None, scope=None, release=()) -> int:
+        return 0
+
+    def claim(self, scope, keys, *, owner) -> tuple[list[str], list[str]]:
+        return list(keys), []
+
+    def release(self, owner, keys=None, scope=None) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "NullStore()"
+
+
 # --------------------------------------------------------- per-process pool
 _OPEN: dict[tuple[int, str], FeatureCache] = {}
 _OPEN_LOCK = threading.Lock()
@@ -811,145 +822,3 @@ def _forget(directory: Path) -> None:
             _OPEN.pop(key)._local = threading.local()
 
 
-# ------------------------------------------------------------- orchestration
-def cached_compute(
-    cache: FeatureCache,
-    fingerprint: str,
-    items: Sequence,
-    out: np.ndarray,
-    compute: Callable[[list[int]], Iterable[tuple[np.ndarray, np.ndarray]]],
-    *,
-    key_mode: str = "content",
-    description: Mapping | None = None,
-    chunk: int = 512,
-    threads: int = 4,
-    poll: float = 0.05,
-) -> dict[str, int]:
-    """Fill ``out`` with the vectors of ``items``: from the cache, else computed once and stored.
-
-    Parameters
-    ----------
-    cache : FeatureCache
-    fingerprint : str
-        :func:`feature_fingerprint` of the settings that produce the vectors.
-    items : sequence
-        The inputs, one per row of ``out``.
-    out : ndarray of shape (len(items), dim)
-        Filled in place; rows of inputs that fail are left to the caller.
-    compute : callable
-        ``compute(positions)`` runs the network on ``items[positions]`` and
-        yields ``(positions, vectors)`` batches for the inputs that succeed
-        (failures are the caller's to record). Each batch is stored at once.
-    key_mode : {"content", "stat"}
-        See :func:`content_key`.
-    description : mapping, optional
-        Human-readable settings stored beside a new fingerprint.
-    chunk : int
-        Images claimed at a time, so concurrent processes share the work.
-    threads : int
-        Threads hashing files.
-    poll : float
-        Seconds between checks while another process computes wanted images.
-
-    Returns
-    -------
-    dict
-        ``hits`` (rows read from the cache), ``misses`` (rows not in it when
-        looked up), ``computed`` (images this call ran through the network),
-        ``shared`` (misses another process computed meanwhile),
-        ``uncacheable`` (inputs without a key: PIL images, unreadable files).
-
-    Examples
-    --------
-    >>> import tempfile, numpy as np
-    >>> cache = FeatureCache(tempfile.mkdtemp())
-    >>> arrays = [np.full((2, 2), i, np.uint8) for i in (1, 2, 1)]
-    >>> def compute(pos):  # stands in for the network: the mean pixel
-    ...     yield np.asarray(pos), np.array([[arrays[p].mean()] for p in pos], np.float32)
-    >>> out = np.empty((3, 1), np.float32)
-    >>> cached_compute(cache, "fp", arrays, out, compute)["computed"], out.ravel().tolist()
-    (2, [1.0, 2.0, 1.0])
-    >>> cached_compute(cache, "fp", arrays, out, compute)["hits"]
-    3
-    """
-    keys, stamps = _content_keys(items, key_mode, threads)
-    by_key: dict[str, list[int]] = {}
-    loose: list[int] = []
-    for i, k in enumerate(keys):
-        if k is None:
-            loose.append(i)
-        else:
-            by_key.setdefault(k, []).append(i)
-    stats = {"hits": 0, "misses": 0, "computed": 0, "shared": 0, "uncacheable": len(loose)}
-    dim = out.shape[1]
-
-    def fill(found: Mapping[str, np.ndarray]) -> int:
-        n = 0
-        for k, v in found.items():
-            out[by_key[k]] = v
-            n += len(by_key[k])
-        return n
-
-    found = cache.get_many(fingerprint, list(by_key))
-    stats["hits"] = fill(found)
-    pending = [k for k in by_key if k not in found]
-    stats["misses"] = sum(len(by_key[k]) for k in pending)
-
-    if loose:
-        for pos, vecs in compute(loose):
-            out[pos] = vecs
-            stats["computed"] += len(pos)
-
-    owner = _owner_id()
-    delay = poll
-    try:
-        while pending:
-            got, mine, others = cache.claim(
-                fingerprint, pending, owner=owner, limit=chunk, dim=dim, description=description
-            )
-            stats["shared"] += fill(got)
-            done = set(got)
-            if mine:
-                rep = {by_key[k][0]: k for k in mine}
-                for pos, vecs in compute(list(rep)):
-                    pos = np.asarray(pos)
-                    out[pos] = vecs
-                    stats["computed"] += len(pos)
-                    ks = [rep[int(p)] for p in pos]
-                    done.update(ks)
-                    for k in ks:  # the same image given twice
-                        if len(by_key[k]) > 1:
-                            out[by_key[k][1:]] = out[by_key[k][0]]
-                    keep = [
-                        j
-                        for j, (k, p) in enumerate(zip(ks, pos))
-                        if np.isfinite(out[p]).all() and _stamp_holds(items[p], stamps[p])
-                    ]
-                    if len(keep) < len(ks):
-                        logger.info("not caching %d vectors (non-finite, or file changed while read)", len(ks) - len(keep))
-                    cache.put_many(
-                        fingerprint,
-                        [ks[j] for j in keep],
-                        np.asarray(out[pos[keep]]) if keep else np.empty((0, dim), np.float32),
-                        description=description,
-                        owner=owner,
-                    )
-                failed = [k for k in mine if k not in done]
-                if failed:
-                    # never cached; free them at once so nobody waits on them
-                    cache.release(owner, failed, fingerprint)
-                    extra = [p for k in failed for p in by_key[k][1:]]
-                    if extra:  # duplicates of a failed input get their own failure record
-                        for pos, vecs in compute(extra):
-                            out[pos] = vecs
-                            stats["computed"] += len(pos)
-                    done.update(failed)
-                delay = poll
-            elif others and not got:
-                time.sleep(delay)  # another process computes what we need
-                delay = min(delay * 1.5, 0.5)
-            pending = [k for k in pending if k not in done]
-    finally:
-        if stats["misses"]:
-            cache.release(owner)
-    return stats

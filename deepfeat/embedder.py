@@ -6,12 +6,11 @@ import copy
 import logging
 import os
 import re
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from functools import partial
 from numbers import Integral
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,19 +20,22 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from . import graph
-from .cache import KEY_MODES, cached_compute, feature_fingerprint, open_cache, resolve_cache_dir
-from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, describe, load_image, preprocess
-from .pooling import POOLINGS, pool, pooled_dim
-from .registry import DEFAULT_MODEL, ModelFileError, file_sha256
-from .resolve import resolve_model
-from .runtime import Runner
+from .cache import NullStore, open_cache, resolve_cache_dir
+from .engine import Layer, embed
+from .images import DEFAULT_MAX_PIXELS, network_input
+from .keys import KEY_MODES, feature_fingerprint
+from .pooling import POOLINGS, pooled_dim
+from .registry import DEFAULT_MODEL, file_sha256
+from .resolve import layer_shapes, model_summary, resolve_model
+from .runtime import Runner, on_device, resolve_providers
+from .sessions import get_runner
 
 __all__ = ["ImageEmbedder"]
 
 logger = logging.getLogger(__name__)
 
 #: bump when a change alters the vectors produced for the same image and settings
-FEATURE_VERSION = 2
+FEATURE_VERSION = 3
 
 
 class ImageEmbedder(TransformerMixin, BaseEstimator):
@@ -207,10 +209,17 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ fit
     def fit(self, X=None, y=None):
-        """Resolve the model, cut its graph at ``layers`` and open a session.
+        """Resolve the model, its preprocessing and ``layers``; check them. No image is read.
 
-        No image is read: the embedder is not trained. ``X`` and ``y`` are
-        accepted for Pipeline compatibility.
+        Fitting is cheap and opens no ONNX Runtime session: the model file's
+        hash, its tensors and the layers' shapes are memoised per process
+        (keyed by the file's stat and content hash), and the session is built
+        on the first image that must go through the network, then shared by
+        every embedder of the process with the same model, layers, providers
+        and threads (:mod:`deepfeat.sessions`). What fit refuses: invalid
+        parameters, an unknown layer, a bad or tampered model file, an
+        unavailable provider with ``strict_providers=True``, an unusable
+        cache. ``X`` and ``y`` are accepted for Pipeline compatibility.
         """
         self._validate_params()
         overrides = dict(self.preprocessing or {})
@@ -218,40 +227,46 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         if self.image_size is not None:
             ratio = spec.resize_size / spec.input_size
             spec = replace(spec, input_size=self.image_size, resize_size=round(self.image_size * ratio))
-        proto = graph.load_onnx(path)
+        sha = spec.sha256 or file_sha256(path)
         layers = spec.default_layer if self.layers is None else self.layers
-        self.layers_ = graph.resolve_layers(proto, layers, spec.layers)
-        self.spec_ = spec
-        self.model_path_ = Path(path)
-        self.model_sha256_ = spec.sha256 or file_sha256(path)
-        self._build_runner(proto)
-        probe = self._runner.run(np.zeros((1, 3, spec.input_size, spec.input_size), np.float32))
-        for (label, tensor), p in zip(self.layers_, probe):
-            if p.ndim not in (2, 4):
+        self.layers_ = graph.resolve_layers(model_summary(str(path), sha), layers, spec.layers)
+        tensors = tuple(t for _, t in self.layers_)
+        shapes = layer_shapes(str(path), sha, tensors, spec.input_size, self.pooling == "none")
+        for (label, tensor), shape in zip(self.layers_, shapes):
+            if len(shape) not in (2, 4):
                 raise graph.LayerError(
-                    f"Layer {label!r} (tensor {tensor!r}) has shape {p.shape}; only (n, c, h, w) feature maps "
+                    f"Layer {label!r} (tensor {tensor!r}) has shape {shape}; only (n, c, h, w) feature maps "
                     "and (n, d) vectors can be embedded. Pick another layer from deepfeat.list_layers(model)."
                 )
-        self.output_shapes_ = [tuple(p.shape[1:]) for p in probe]
-        self.output_dims_ = [pooled_dim(p.shape, self.pooling) for p in probe]
+        # ProviderError here, not at the first image, when strict and unavailable
+        self.providers_ = [name for name, _ in resolve_providers(self.providers, strict=self.strict_providers)]
+        self.spec_ = spec
+        self.model_path_ = Path(path)
+        self.model_sha256_ = sha
+        self.output_shapes_ = [tuple(s[1:]) for s in shapes]
+        self.output_dims_ = [pooled_dim(s, self.pooling) for s in shapes]
         self.n_features_out_ = int(sum(self.output_dims_))
+        self._scope = feature_fingerprint(self._pass_parts())
+        self._plan = [
+            Layer(label, tensor, self.pooling, dim, feature_fingerprint(self._layer_parts(tensor, shape, dim)),
+                  self._layer_description(label, tensor))
+            for (label, tensor), shape, dim in zip(self.layers_, shapes, self.output_dims_)
+        ]
+        self.cache_fingerprint_ = feature_fingerprint({"layers": [layer.fingerprint for layer in self._plan]})
         self.failures_ = _empty_failures()
         self._fitted_params = self._vector_params()
         self.cache_dir_ = resolve_cache_dir(self.cache)
-        self.cache_fingerprint_ = feature_fingerprint(self._cache_parts())
         self.cache_stats_ = dict.fromkeys(("hits", "misses", "computed", "shared", "uncacheable"), 0)
         if self.cache_dir_ is not None:
             open_cache(self.cache_dir_)  # a corrupt or unwritable cache fails here, not mid-transform
         return self
 
-    def _cache_parts(self) -> dict:
-        """Everything that changes a vector; the cache key prefix is its hash."""
+    def _pass_parts(self) -> dict:
+        """What decides how an image is decoded and run: the claims scope, and part of every fingerprint."""
         s = self.spec_
         return {
             "feature_version": FEATURE_VERSION,
             "model_sha256": self.model_sha256_,
-            "tensors": [t for _, t in self.layers_],
-            "pooling": self.pooling,
             "input_size": s.input_size,
             "resize_size": s.resize_size,
             "interpolation": s.interpolation,
@@ -259,11 +274,21 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
             "std": [float(v) for v in s.std],
             "channel_order": s.channel_order,
             "jpeg_draft": bool(self.jpeg_draft),
-            "dims": [int(d) for d in self.output_dims_],
         }
 
+    def _layer_parts(self, tensor: str, shape: tuple, dim: int) -> dict:
+        """Everything that changes one layer's vector; its hash keys the layer's vectors in the cache."""
+        # pooling does nothing to a (n, d) vector: one stored copy serves every pooling
+        pooling = "vector" if len(shape) == 2 else self.pooling
+        return {**self._pass_parts(), "tensor": tensor, "pooling": pooling, "dim": int(dim)}
+
+    def _layer_description(self, label: str, tensor: str) -> dict:
+        s = self.spec_
+        return {"model": s.name, "layers": [label], "tensor": tensor, "pooling": self.pooling,
+                "input_size": s.input_size, "model_sha256": self.model_sha256_}
+
     def _vector_params(self) -> dict:
-        """The parameters that ``fit`` resolved into the session, the layers or the cache key."""
+        """The parameters that ``fit`` resolved into the layers or the cache keys."""
         keys = ("model", "layers", "pooling", "image_size", "preprocessing", "jpeg_draft", "cache", "cache_key")
         return copy.deepcopy({k: getattr(self, k) for k in keys})
 
@@ -274,46 +299,21 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
             changed = sorted(k for k in current if current[k] != fitted.get(k))
             raise ValueError(
                 f"ImageEmbedder parameters {changed} changed since fit; call fit() again before transform "
-                "(fit resolves them into the model session and the cache key)."
+                "(fit resolves them into the layers and the cache keys)."
             )
 
-    def _build_runner(self, proto=None) -> Runner:
-        if proto is None:
-            proto = graph.load_onnx(self._verified_model_path())
-        cut = graph.truncate(proto, [t for _, t in self.layers_])
-        self._runner = Runner.from_model(cut.SerializeToString(), self.providers, strict=self.strict_providers,
-                                         intra_op_threads=self.inference_threads)
-        self._runner_key = self._session_params()
-        # on an unpickled embedder this is the machine it runs on now
-        self.providers_ = self._runner.providers
-        return self._runner
+    def _network(self, tensors: tuple[str, ...]) -> Runner:
+        """The shared session of the fitted model cut at ``tensors`` (built on first use)."""
+        return get_runner(
+            self.model_path_, self.model_sha256_, tensors, self.providers,
+            strict=self.strict_providers, threads=self.inference_threads, locate=self._locate_model,
+        )
 
-    def _session_params(self) -> tuple:
-        """The parameters a built session depends on without changing the vectors."""
-        return copy.deepcopy((self.providers, self.strict_providers, self.inference_threads))
-
-    def _verified_model_path(self) -> Path:
-        """The fitted model file, found again and checked when the session is rebuilt
-        (after unpickling, possibly on another machine)."""
-        path = self.model_path_
-        if path.is_file() and file_sha256(path) == self.model_sha256_:
-            return path
+    def _locate_model(self) -> Path:
+        # an unpickled embedder on another machine: find the file again by name; get_runner checks its hash
         found, _ = resolve_model(self.model, **dict(self.preprocessing or {}))
-        digest = file_sha256(found)
-        if digest != self.model_sha256_:
-            raise ModelFileError(
-                f"The model file {found} has sha256 {digest}, but this embedder was fitted with "
-                f"{self.model_sha256_} ({path}). Refit the embedder, or restore the original file."
-            )
         self.model_path_ = Path(found)
         return self.model_path_
-
-    def _get_runner(self) -> Runner:
-        runner = getattr(self, "_runner", None)
-        if runner is None or getattr(self, "_runner_key", None) != self._session_params():
-            # no session yet (unpickled), or providers/threads changed with set_params: (re)build it
-            return self._build_runner()
-        return runner
 
     # ------------------------------------------------------------ transform
     def transform(self, X) -> np.ndarray:
@@ -332,111 +332,26 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         check_is_fitted(self, "layers_")
         self._check_unchanged_since_fit()
         items = _as_items(X)
-        out = np.empty((len(items), self.n_features_out_), dtype=np.float32)
-        failures: list[tuple[int, str, str]] = []
-        if getattr(self, "cache_dir_", None) is None:
-            computed = 0
-            for idx, batch in self._stream(items, failures):
-                feats = self._infer(batch)
-                out[idx] = feats
-                computed += len(idx)
-            self.cache_stats_ = {"hits": 0, "misses": 0, "computed": computed, "shared": 0, "uncacheable": 0}
-        else:
-            self.cache_stats_ = cached_compute(
-                open_cache(self.cache_dir_),
-                self.cache_fingerprint_,
-                items,
-                out,
-                lambda positions: self._compute_at(items, positions, failures),
-                key_mode=self.cache_key,
-                description={"model": self.spec_.name, "layers": [l for l, _ in self.layers_], **self._cache_parts()},
-                chunk=max(512, 4 * self.batch_size),
-                threads=self.n_jobs or _default_decode_threads(on_device=False),
-            )
-            failures.sort(key=lambda f: f[0])
-        if failures:
-            out[[i for i, _, _ in failures]] = np.nan
-            logger.warning("%d of %d images failed and were given NaN rows", len(failures), len(items))
-        self.failures_ = pd.DataFrame(failures, columns=["position", "source", "reason"])
-        return out
-
-    def _compute_at(self, items: list, positions, failures: list) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Run the network on ``items[positions]``: yield ``(positions, features)``
-        batches; failures are recorded with their position in ``items``."""
-        positions = np.asarray(positions, dtype=np.intp)
-        local: list = []
-        try:
-            for idx, batch in self._stream([items[i] for i in positions], local):
-                yield positions[idx], self._infer(batch)
-        finally:
-            failures.extend((int(positions[f[0]]),) + tuple(f[1:]) for f in local)
-
-    def _infer(self, batch: np.ndarray) -> np.ndarray:
-        outputs = self._get_runner().run(batch)
-        return np.concatenate([pool(o, self.pooling) for o in outputs], axis=1)
-
-    def _decode(self, item) -> np.ndarray:
         s = self.spec_
-        img = load_image(item, max_pixels=self.max_pixels, draft_side=s.resize_size if self.jpeg_draft else None)
-        x = preprocess(
-            img, input_size=s.input_size, resize_size=s.resize_size,
-            mean=s.mean, std=s.std, interpolation=s.interpolation,
+        decode = partial(
+            network_input, input_size=s.input_size, resize_size=s.resize_size, mean=s.mean, std=s.std,
+            interpolation=s.interpolation, channel_order=s.channel_order, max_pixels=self.max_pixels,
+            draft=self.jpeg_draft,
         )
-        # networks converted from Caffe expect BGR planes
-        return np.ascontiguousarray(x[::-1]) if s.channel_order == "BGR" else x
-
-    def _decode_safe(self, item):
-        try:
-            return self._decode(item)
-        except ImageDecodeError as exc:
-            return exc
-        except Exception as exc:  # e.g. MemoryError in preprocess: one bad file must not end a long job
-            err = ImageDecodeError(describe(item), f"cannot decode or preprocess ({type(exc).__name__}: {exc})")
-            err.__cause__ = exc
-            return err
-
-    def _stream(self, items: list, failures: list) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield ``(row positions, NCHW batch)``, decoding the next batch while
-        the caller runs the network on this one."""
-        n = len(items)
-        workers = self.n_jobs or _default_decode_threads(self._get_runner().on_device)
-        bar = _progress(n, self.progress)
-        try:
-            yield from self._stream_batches(items, workers, bar, failures)
-        finally:
-            if bar is not None:
-                bar.close()
-
-    def _stream_batches(self, items: list, workers: int, bar, failures: list):
-        n = len(items)
-        bs = self.batch_size
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deepfeat-decode") as pool_:
-            def submit(start):
-                return [pool_.submit(self._decode_safe, items[i]) for i in range(start, min(start + bs, n))]
-
-            pending = submit(0) if n else []
-            for start in range(0, n, bs):
-                current = pending
-                nxt = start + bs
-                pending = submit(nxt) if nxt < n else []
-                arrays, positions = [], []
-                for offset, fut in enumerate(current):
-                    res = fut.result()
-                    pos = start + offset
-                    if isinstance(res, ImageDecodeError):
-                        if self.on_error == "raise":
-                            for f in pending:
-                                f.cancel()
-                            raise res
-                        logger.warning("skipping %s", res)
-                        failures.append((pos, res.source, res.reason))
-                        continue
-                    arrays.append(res)
-                    positions.append(pos)
-                if arrays:
-                    yield np.asarray(positions), np.stack(arrays)
-                if bar is not None:
-                    bar.update(len(current))
+        store = NullStore() if self.cache_dir_ is None else open_cache(self.cache_dir_)
+        result = embed(
+            items, self._plan, decode=decode, network=self._network, store=store, scope=self._scope,
+            key_mode=self.cache_key, batch_size=self.batch_size, on_error=self.on_error,
+            decode_threads=self.n_jobs or _default_decode_threads(on_device(self.providers_)),
+            progress=self.progress,
+        )
+        if result.failures:
+            logger.warning("%d of %d images failed and were given NaN rows", len(result.failures), len(items))
+        self.failures_ = pd.DataFrame(result.failures, columns=["position", "source", "reason"])
+        self.cache_stats_ = result.stats
+        if result.providers is not None:
+            self.providers_ = result.providers  # what the session really runs on
+        return result.X
 
     # --------------------------------------------------------- sklearn glue
     def get_feature_names_out(self, input_features=None) -> np.ndarray:
@@ -448,11 +363,6 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
             names += [f"{prefix}_{i:04d}" for i in range(dim)]
         return np.asarray(names, dtype=object)
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.pop("_runner", None)  # ORT sessions do not pickle; rebuilt on first use
-        return state
-
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.input_tags.two_d_array = False
@@ -461,22 +371,14 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         return tags
 
 
-def _default_decode_threads(on_device: bool) -> int:
+def _default_decode_threads(device: bool) -> int:
     # on CPU the network and the decoders share the cores; a GPU needs every core decoding to stay fed
     cores = os.cpu_count() or 1
-    return cores if on_device else max(1, min(4, cores))
+    return cores if device else max(1, min(4, cores))
 
 
 def _empty_failures() -> pd.DataFrame:
     return pd.DataFrame(columns=["position", "source", "reason"])
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled or total == 0 or not sys.stderr.isatty():
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="img", desc="embedding")
 
 
 def _as_items(X) -> list:

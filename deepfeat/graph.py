@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 import onnx
 import pandas as pd
 from onnx import shape_inference
 
-__all__ = ["layer_table", "truncate", "resolve_layers", "load_onnx"]
+__all__ = ["layer_table", "truncate", "resolve_layers", "load_onnx", "GraphSummary", "inferred_shapes", "probe_shapes"]
 
 _FEATURE_RANKS = (2, 4)
 #: element types of feature tensors (float16 and bfloat16 in half-precision copies)
@@ -53,6 +54,79 @@ def _with_input_size(model: onnx.ModelProto, input_size: int | None) -> onnx.Mod
             dims[3].ClearField("dim_param")
             dims[3].dim_value = input_size
     return shape_inference.infer_shapes(m)
+
+
+@dataclass(frozen=True)
+class GraphSummary:
+    """What layer resolution needs of a graph, without the graph: its tensors and first output.
+
+    Examples
+    --------
+    >>> from onnx import helper, TensorProto
+    >>> n = helper.make_node("Relu", ["x"], ["y"])
+    >>> g = helper.make_graph([n], "g",
+    ...     [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+    ...     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    >>> GraphSummary.of(helper.make_model(g))
+    GraphSummary(produced=frozenset({'y'}), first_output='y')
+    """
+
+    produced: frozenset
+    first_output: str
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> "GraphSummary":
+        return cls(frozenset(o for n in model.graph.node for o in n.output), model.graph.output[0].name)
+
+
+def inferred_shapes(model: onnx.ModelProto, input_size: int | None = None) -> dict[str, tuple]:
+    """Shapes that ONNX shape inference finds, without running anything: ``None`` where unknown.
+
+    Rank and channels are known for the usual CNN; spatial sizes may not be
+    (behind a computed ``Pad``), see :func:`probe_shapes`.
+
+    Examples
+    --------
+    >>> from onnx import helper, TensorProto
+    >>> n = helper.make_node("Relu", ["x"], ["y"])
+    >>> g = helper.make_graph([n], "g",
+    ...     [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+    ...     [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    >>> inferred_shapes(helper.make_model(g), 8)["y"]
+    ('batch', 3, 8, 8)
+    """
+    g = _with_input_size(model, input_size).graph
+    out = {}
+    for vi in list(g.value_info) + list(g.output):
+        t = vi.type.tensor_type
+        if not t.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        out[vi.name] = ("batch",) + tuple(dims[1:]) if dims else ()
+    return out
+
+
+def probe_shapes(model: onnx.ModelProto, tensors: Sequence[str], input_size: int) -> list[tuple]:
+    """Exact shapes of ``tensors`` for one ``input_size`` image, by running a zero image on CPU.
+
+    Examples
+    --------
+    >>> from deepfeat.resolve import resolve_model
+    >>> path, _ = resolve_model("efficientnet_lite0")
+    >>> probe_shapes(load_onnx(path), ["features"], 224)
+    [('batch', 1280, 7, 7)]
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    cut = truncate(model, tensors)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(cut.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    x = np.zeros((1, 3, input_size, input_size), dtype=np.float32)
+    values = sess.run(list(tensors), {sess.get_inputs()[0].name: x})
+    return [("batch",) + tuple(v.shape[1:]) for v in values]
 
 
 def tensor_shapes(model: onnx.ModelProto, input_size: int | None = None) -> dict[str, tuple]:
@@ -147,7 +221,7 @@ def layer_table(
 
 
 def resolve_layers(
-    model: onnx.ModelProto, layers: "str | Sequence[str]", aliases: Mapping[str, str]
+    model: "onnx.ModelProto | GraphSummary", layers: "str | Sequence[str]", aliases: Mapping[str, str]
 ) -> list[tuple[str, str]]:
     """Map requested layers (aliases or tensor names) to ``(label, tensor)`` pairs.
 
@@ -165,13 +239,14 @@ def resolve_layers(
     requested = [layers] if isinstance(layers, str) else list(layers)
     if not requested:
         raise LayerError("At least one layer is needed; got an empty list.")
-    produced = {o for n in model.graph.node for o in n.output}
+    summary = model if isinstance(model, GraphSummary) else GraphSummary.of(model)
+    produced = summary.produced
     resolved = []
     for layer in requested:
         if layer in aliases:
             tensor = aliases[layer]
         elif layer == "output":
-            tensor = model.graph.output[0].name
+            tensor = summary.first_output
         else:
             tensor = layer
         if tensor not in produced:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, ImageChops, ImageFile, ImageOps, UnidentifiedImageError
 
-__all__ = ["load_image", "preprocess", "ImageDecodeError", "DEFAULT_MAX_PIXELS", "ALPHA_BACKGROUND", "describe"]
+__all__ = ["load_image", "preprocess", "network_input", "ImageDecodeError", "DEFAULT_MAX_PIXELS", "ALPHA_BACKGROUND", "describe"]
 
 logger = logging.getLogger(__name__)
 
@@ -448,3 +448,35 @@ def preprocess(
     a -= np.asarray(mean, dtype=np.float32)[:, None, None]
     a *= (1.0 / np.asarray(std, dtype=np.float64)).astype(np.float32)[:, None, None]
     return a
+
+
+def network_input(
+    item,
+    *,
+    input_size: int,
+    resize_size: int,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    interpolation: str = "bilinear",
+    channel_order: str = "RGB",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    draft: bool = True,
+) -> np.ndarray:
+    """Decode one input and preprocess it: the ``(3, input_size, input_size)`` float32 the network takes.
+
+    :func:`load_image` (with JPEG draft decoding at ``resize_size`` when
+    ``draft``), then :func:`preprocess`; planes are reversed for networks
+    converted from Caffe (``channel_order="BGR"``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = network_input(np.zeros((50, 60, 3), np.uint8), input_size=32, resize_size=36,
+    ...                   mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    >>> x.shape, x.dtype
+    ((3, 32, 32), dtype('float32'))
+    """
+    img = load_image(item, max_pixels=max_pixels, draft_side=resize_size if draft else None)
+    x = preprocess(img, input_size=input_size, resize_size=resize_size, mean=mean, std=std,
+                   interpolation=interpolation)
+    return np.ascontiguousarray(x[::-1]) if channel_order == "BGR" else x

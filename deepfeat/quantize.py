@@ -51,7 +51,7 @@ from onnxruntime.quantization import (
 )
 
 from .graph import load_onnx
-from .images import ImageDecodeError, load_image, preprocess
+from .images import ImageDecodeError, network_input
 from .registry import METADATA_KEY, ModelSpec, file_sha256
 from .resolve import resolve_model
 
@@ -480,14 +480,12 @@ class _CalibrationReader(CalibrationDataReader):
     def _decode(self, item) -> np.ndarray | None:
         s = self.spec
         try:
-            img = load_image(item)
+            return network_input(item, input_size=s.input_size, resize_size=s.resize_size, mean=s.mean, std=s.std,
+                                 interpolation=s.interpolation, channel_order=s.channel_order, draft=False)
         except ImageDecodeError as exc:
             logger.warning("calibration image skipped: %s", exc)
             self.failures.append(str(exc))
             return None
-        x = preprocess(img, input_size=s.input_size, resize_size=s.resize_size, mean=s.mean, std=s.std,
-                       interpolation=s.interpolation)
-        return np.ascontiguousarray(x[::-1]) if s.channel_order == "BGR" else x
 
     def get_next(self) -> dict | None:
         while self.pos < len(self.items):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -315,7 +316,11 @@ def _find_file(filename: str) -> Path | None:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks.
+    """Hex SHA-256 of a file, read in 1 MiB chunks; memoised per process by the file's stat.
+
+    The memo is keyed by real path, inode, size, mtime and ctime, so a file
+    that is edited or replaced is hashed again, and a checked model costs a
+    ``stat`` on every later fit instead of reading it again.
 
     Examples
     --------
@@ -324,11 +329,26 @@ def file_sha256(path: str | os.PathLike) -> str:
     ...     file_sha256(f.name)[:12]
     'e3b0c44298fc'
     """
+    st = os.stat(path)
+    stamp = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with _SHA_LOCK:
+        digest = _SHA_MEMO.get(stamp)
+    if digest is not None:
+        return digest
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    with _SHA_LOCK:
+        if len(_SHA_MEMO) >= 256:
+            _SHA_MEMO.clear()
+        _SHA_MEMO[stamp] = digest
+    return digest
+
+
+_SHA_MEMO: dict[tuple, str] = {}
+_SHA_LOCK = threading.Lock()
 
 
 class ModelFileError(RuntimeError):

@@ -20,10 +20,10 @@ import pandas as pd
 from . import registry
 from .aliases import derive_aliases
 from .download import fetch_model
-from .graph import layer_table, load_onnx
+from .graph import GraphSummary, inferred_shapes, layer_table, load_onnx, probe_shapes
 from .registry import ModelSpec
 
-__all__ = ["resolve_model", "list_layers"]
+__all__ = ["resolve_model", "list_layers", "model_summary", "layer_shapes"]
 
 
 def resolve_model(model: str | os.PathLike, **overrides) -> tuple[Path, ModelSpec]:
@@ -80,7 +80,8 @@ def resolve_model(model: str | os.PathLike, **overrides) -> tuple[Path, ModelSpe
         std=registry.IMAGENET_STD,
         default_layer="output",
     )
-    defaults.update(_recorded_defaults(path))
+    st = path.stat()
+    defaults.update(_recorded_defaults(str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
     defaults.update(overrides)
     return path, registry.ModelSpec(**defaults)
 
@@ -124,8 +125,12 @@ def list_layers(
                        aliases_only=aliases_only)
 
 
-def _recorded_defaults(path: Path) -> dict:
-    """Preprocessing and aliases that ``deepfeat export`` stored in the file, if any."""
+@lru_cache(maxsize=64)
+def _recorded_defaults(path: str, *stamp: int) -> dict:
+    """Preprocessing and aliases that ``deepfeat export`` stored in the file, if any.
+
+    Memoised by the file's stat (``stamp``): a fit reads the file once per process.
+    Callers get the cached dict: they copy it (``dict.update``), never change it."""
     try:
         proto = onnx.load(os.fspath(path), load_external_data=False)
     except Exception:  # not ONNX: graph.load_onnx reports it with a better message
@@ -150,3 +155,56 @@ def _recorded_defaults(path: Path) -> dict:
 def _derived_layers(path: str, sha256: str, input_size: int) -> dict[str, str]:
     # keyed by the file's hash: a checked file always yields the same aliases
     return derive_aliases(load_onnx(path), input_size)
+
+
+# ------------------------------------------------------------ per-process memos
+# A fit resolves the same model and layers again and again (every fold of every
+# candidate of a grid search): what it needs of the graph is computed once per
+# process and file content (the sha256 is in every key), so a fit costs a stat
+# of the model file and a few dictionary look-ups.
+@lru_cache(maxsize=16)
+def model_summary(path: str, sha256: str) -> GraphSummary:
+    """The tensors of a checked ONNX file (:func:`deepfeat.graph.load_onnx` runs once per content).
+
+    Examples
+    --------
+    >>> from deepfeat.registry import file_sha256
+    >>> path, _ = resolve_model("efficientnet_lite0")
+    >>> model_summary(str(path), file_sha256(path)).first_output
+    'logits'
+    """
+    return GraphSummary.of(load_onnx(path))
+
+
+@lru_cache(maxsize=16)
+def _inferred(path: str, sha256: str, input_size: int) -> dict[str, tuple]:
+    return inferred_shapes(load_onnx(path), input_size)
+
+
+@lru_cache(maxsize=64)
+def layer_shapes(path: str, sha256: str, tensors: tuple, input_size: int, exact: bool = False) -> tuple:
+    """Shapes ``(batch, c, h, w)`` or ``(batch, d)`` of ``tensors`` for an ``input_size`` image.
+
+    ONNX shape inference answers without running anything; only where it
+    leaves the rank or channels unknown (or any dimension, with ``exact``:
+    flattened maps need every one) is one zero image run on CPU
+    (:func:`deepfeat.graph.probe_shapes`). Unknown spatial sizes are ``None``.
+
+    Examples
+    --------
+    >>> from deepfeat.registry import file_sha256
+    >>> path, _ = resolve_model("efficientnet_lite0")
+    >>> layer_shapes(str(path), file_sha256(path), ("blocks.10", "pooled"), 224)
+    (('batch', 112, None, None), ('batch', 1280, 1, 1))
+    """
+    inferred = _inferred(path, sha256, input_size)
+    shapes = [inferred.get(t) for t in tensors]
+
+    def known(s):
+        if s is None or len(s) < 2 or s[1] is None:
+            return False
+        return not exact or all(d is not None for d in s[1:])
+
+    if all(known(s) for s in shapes):
+        return tuple(shapes)
+    return tuple(probe_shapes(load_onnx(path), list(tensors), input_size))

@@ -20,6 +20,7 @@ __all__ = [
     "ProviderFallbackWarning",
     "ProviderError",
     "available_providers",
+    "on_device",
 ]
 
 logger = logging.getLogger(__name__)
@@ -226,6 +227,17 @@ _DEVICE_PROVIDERS = {
 }
 
 
+def on_device(providers: Sequence[str]) -> bool:
+    """Whether the first of ``providers`` runs on an accelerator with memory of its own.
+
+    Examples
+    --------
+    >>> on_device(["CUDAExecutionProvider", "CPUExecutionProvider"]), on_device(["CPUExecutionProvider"])
+    (True, False)
+    """
+    return bool(providers) and providers[0] in _DEVICE_PROVIDERS
+
+
 def session_device(session: ort.InferenceSession) -> tuple[str, int]:
     """``(device_type, device_id)`` of the session's first provider, as IOBinding names devices.
 
@@ -276,7 +288,7 @@ class Runner:
     @property
     def on_device(self) -> bool:
         """True when the first provider runs on an accelerator."""
-        return self.providers[0] in _DEVICE_PROVIDERS
+        return on_device(self.providers)
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         if not self.use_io_binding:

@@ -33,11 +33,11 @@ from deepfeat.cache import (
     CacheCorruptError,
     CacheError,
     FeatureCache,
-    _owner_id,
-    cached_compute,
-    content_key,
+    new_owner,
     open_cache,
 )
+from deepfeat.engine import Layer, embed
+from deepfeat.keys import content_key
 from deepfeat.cli import main
 
 from .conftest import TINY_PREPROCESSING, build_tiny_cnn
@@ -362,10 +362,10 @@ def test_grid_search_runs_the_network_once_per_image(tmp_path, tiny_kw, photos, 
 # load that one file, which starts them in a fraction of a second
 _LOAD_CACHE = f'''
 import importlib.util, sys
-_spec = importlib.util.spec_from_file_location("deepfeat_cache", {str(Path(cached_compute.__code__.co_filename))!r})
+_spec = importlib.util.spec_from_file_location("deepfeat_cache", {str(Path(FeatureCache.__init__.__code__.co_filename))!r})
 _mod = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_mod)
-FeatureCache, cached_compute, _owner_id = _mod.FeatureCache, _mod.cached_compute, _mod._owner_id
+FeatureCache, new_owner = _mod.FeatureCache, _mod.new_owner
 '''
 
 _VECTORS = '''
@@ -430,7 +430,7 @@ _CLAIMER = _LOAD_CACHE + '''
 import time
 
 keys = sys.argv[2].split(",")
-found, mine, others = FeatureCache(sys.argv[1]).claim("fp", keys, owner=_owner_id(), limit=len(keys), dim=1)
+mine, others = FeatureCache(sys.argv[1]).claim("scope", keys, owner=new_owner())
 print(len(mine), flush=True)
 time.sleep(300)
 '''
@@ -448,47 +448,66 @@ def test_claims_of_a_killed_process_are_taken_over_at_once(tmp_path):
     try:
         assert proc.stdout.readline().strip() == "10"
         cache = FeatureCache(tmp_path, claim_timeout=3600)
-        me = _owner_id()
-        _, mine, others = cache.claim("fp", keys, owner=me, limit=10, dim=1)
+        me = new_owner()
+        mine, others = cache.claim("scope", keys, owner=me)
         assert (mine, others) == ([], keys)  # a live process's claims are respected
     finally:
         proc.kill()
         proc.wait()
         proc.stdout.close()
-    _, mine, others = cache.claim("fp", keys, owner=me, limit=10, dim=1)
+    mine, others = cache.claim("scope", keys, owner=me)
     assert (mine, others) == (keys, [])  # its pid is gone: no waiting for the timeout
     cache.release(me)
-
-    def compute(pos):
-        yield np.asarray(pos), np.array([[arrays[p][0, 0]] for p in pos], np.float32)
-
-    out = np.empty((10, 1), np.float32)
-    stats = cached_compute(cache, "fp", arrays, out, compute)
-    assert stats["computed"] == 10 and out.ravel().tolist() == list(range(10))
+    assert cache.info()["claims"] == 0
+    res = embed(arrays, [Layer("v", "t", "avg", 1, "fp")], decode=_first_pixel, network=_identity, store=cache,
+                scope="scope")
+    assert res.stats["computed"] == 10 and res.X.ravel().tolist() == list(range(10))
 
 
-_SHARED_WRITER = _LOAD_CACHE + '''
-import json, os, time
+def _first_pixel(a):
+    return np.full((1, 1, 1), a[0, 0], np.float32)
+
+
+class _Identity:
+    """A "network" that returns its input's first value: the engine's no-op stand-in."""
+
+    providers = ["none"]
+
+    def run(self, batch):
+        return [batch.reshape(len(batch), -1)[:, :1]]
+
+
+def _identity(tensors):
+    return _Identity()
+
+
+_SHARED_WRITER = '''
+import json, os, sys, time
 import numpy as np
+from deepfeat.cache import FeatureCache
+from deepfeat.engine import Layer, embed
 
 cache_dir, order, go = sys.argv[1:]
-open(cache_dir + "-ready-" + order, "w").close()
 arrays = [np.full((3, 3), i % 256, np.uint8) + np.eye(3, dtype=np.uint8) * (i // 256) for i in range(300)]
 if order == "reversed":
     arrays = arrays[::-1]
 
-def compute(pos):
-    for k in range(0, len(pos), 4):
-        p = np.asarray(pos[k:k + 4])
-        time.sleep(0.002)  # let the other process in between batches
-        yield p, np.stack([np.arange(5, dtype=np.float32) * arrays[i].sum() for i in p])
 
+class Sum:
+    providers = ["none"]
+
+    def run(self, batch):
+        time.sleep(0.002)  # let the other process in between batches
+        return [batch.reshape(len(batch), -1).sum(axis=1, keepdims=True) * np.arange(5, dtype=np.float32)]
+
+
+open(cache_dir + "-ready-" + order, "w").close()
 while not os.path.exists(go):
     time.sleep(0.005)
-out = np.empty((300, 5), np.float32)
-stats = cached_compute(FeatureCache(cache_dir), "fp", arrays, out, compute, chunk=8, poll=0.01)
-np.save(cache_dir + "-" + order + ".npy", out[::-1] if order == "reversed" else out)
-print(json.dumps(stats))
+res = embed(arrays, [Layer("v", "t", "avg", 5, "fp")], decode=lambda a: a[None].astype(np.float32),
+            network=lambda t: Sum(), store=FeatureCache(cache_dir), scope="scope", batch_size=4, poll=0.01)
+np.save(cache_dir + "-" + order + ".npy", res.X[::-1] if order == "reversed" else res.X)
+print(json.dumps(res.stats))
 '''
 
 
