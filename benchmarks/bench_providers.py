@@ -76,7 +76,7 @@ def _end_to_end(emb: ImageEmbedder, paths: list[str], repeat: int, rounds: int) 
 
 
 def _raw(emb: ImageEmbedder, x: np.ndarray, rounds: int) -> float:
-    runner, bs = emb._get_runner(), emb.batch_size
+    runner, bs = emb._network(tuple(t for _, t in emb.layers_)), emb.batch_size
     runner.run(x[:bs])
     best = 0.0
     for _ in range(rounds):

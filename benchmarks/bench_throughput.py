@@ -34,7 +34,7 @@ def _decode_all(paths):
 
 def raw_ceiling(emb: ImageEmbedder, x: np.ndarray, batch_sizes=(8, 32, 64)) -> tuple[float, int]:
     """Images/s of the same truncated session on pre-decoded tensors, best batch size."""
-    runner = emb._get_runner()
+    runner = emb._network(tuple(t for _, t in emb.layers_))
     best = (0.0, 0)
     for bs in batch_sizes:
         def go():

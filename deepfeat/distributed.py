@@ -2,11 +2,11 @@
 
 Dask (with ``distributed`` for clusters) is the engine: this module only maps
 :class:`~deepfeat.ImageEmbedder` over partitions. Each worker process keeps
-one fitted embedder, and so one ONNX Runtime session, per distinct set of
-parameters in a process-wide registry; it is built by the first partition that
-needs it and reused by every later one. :func:`session_builds` reports how many
-sessions this process built, so ``client.run(session_builds)`` shows it per
-worker.
+one fitted embedder per distinct set of parameters in a process-wide registry,
+and its ONNX Runtime sessions come from the process's session pool
+(:mod:`deepfeat.sessions`): built by the first partition that needs one and
+reused by every later one. :func:`session_builds` reports how many sessions
+this process built, so ``client.run(session_builds)`` shows it per worker.
 
 Install with ``pip install 'deepfeat[dask]'``.
 """
@@ -23,6 +23,7 @@ import pandas as pd
 from sklearn.base import clone
 
 from .embedder import ImageEmbedder
+from .sessions import clear_sessions, session_stats
 
 try:
     import dask.array as da
@@ -43,7 +44,6 @@ logger = logging.getLogger(__name__)
 # instead of building their own.
 _LOCK = threading.Lock()
 _EMBEDDERS: dict[tuple, ImageEmbedder] = {}
-_BUILDS = 0
 _PID = os.getpid()
 
 
@@ -54,10 +54,9 @@ def _registry_key(embedder: ImageEmbedder) -> tuple:
 
 def _check_pid() -> None:
     # ORT sessions do not survive a fork; a forked child starts with an empty registry
-    global _PID, _BUILDS
+    global _PID
     if os.getpid() != _PID:
         _EMBEDDERS.clear()
-        _BUILDS = 0
         _PID = os.getpid()
 
 
@@ -65,8 +64,8 @@ def worker_embedder(embedder: ImageEmbedder | None = None) -> ImageEmbedder:
     """The fitted embedder this process uses for ``embedder``'s parameters.
 
     The first call with a given set of parameters fits a clone (resolving the
-    model and building its ONNX Runtime session); later calls, from any
-    thread of the process, return that same object. The caller's embedder is
+    model and layers; the session is built by the first image that needs it);
+    later calls, from any thread of the process, return that same object. The caller's embedder is
     never modified.
 
     Parameters
@@ -90,7 +89,6 @@ def worker_embedder(embedder: ImageEmbedder | None = None) -> ImageEmbedder:
     >>> a.n_features_out_
     1280
     """
-    global _BUILDS
     if embedder is None:
         embedder = ImageEmbedder(progress=False)
     if not isinstance(embedder, ImageEmbedder):
@@ -104,19 +102,16 @@ def worker_embedder(embedder: ImageEmbedder | None = None) -> ImageEmbedder:
         if fitted is None:
             fitted = clone(embedder).fit()
             _EMBEDDERS[key] = fitted
-            _BUILDS += 1
-            logger.info(
-                "process %d built an ONNX Runtime session for %s on %s (build #%d in this process)",
-                os.getpid(), fitted.model, fitted.providers_, _BUILDS,
-            )
+            logger.info("process %d fitted an embedder for %s", os.getpid(), fitted.model)
         return fitted
 
 
 def session_builds() -> int:
-    """How many sessions :func:`worker_embedder` has built in this process.
+    """How many ONNX Runtime sessions this process has built (:func:`deepfeat.sessions.session_stats`).
 
     Run it on every worker with ``client.run(session_builds)``: after a job,
-    each worker that ran a partition shows 1 per distinct embedder.
+    each worker that ran a partition shows 1 per distinct model, layer set,
+    provider list and thread count.
 
     Examples
     --------
@@ -124,13 +119,11 @@ def session_builds() -> int:
     >>> isinstance(session_builds(), int)
     True
     """
-    with _LOCK:
-        _check_pid()
-        return _BUILDS
+    return session_stats()["builds"]
 
 
 def clear_worker_embedders() -> int:
-    """Drop this process's embedders (freeing their sessions); return how many.
+    """Drop this process's embedders and pooled sessions (freeing their memory); return how many embedders.
 
     On a cluster: ``client.run(clear_worker_embedders)``. The build counter of
     :func:`session_builds` is kept.
@@ -145,7 +138,8 @@ def clear_worker_embedders() -> int:
         _check_pid()
         n = len(_EMBEDDERS)
         _EMBEDDERS.clear()
-        return n
+    clear_sessions()
+    return n
 
 
 def _shippable(embedder: ImageEmbedder | None) -> ImageEmbedder:

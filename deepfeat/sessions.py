@@ -36,9 +36,15 @@ _LOCK = threading.Lock()
 _BUILDS = 0
 
 
+#: sessions a forked child inherited: kept referenced and never touched, since
+#: destroying one joins ONNX Runtime threads that do not exist in the child (a hang)
+_INHERITED: list = []
+
+
 def _reset_after_fork() -> None:
-    global _LOCK, _BUILDS
-    _POOL.clear()
+    global _POOL, _LOCK, _BUILDS
+    _INHERITED.append(_POOL)
+    _POOL = OrderedDict()
     _LOCK = threading.Lock()
     _BUILDS = 0
 

@@ -445,18 +445,18 @@ def test_cli_raise_exits_nonzero_naming_the_file(tmp_path, tiny_model_path, caps
 _KILL_AFTER = textwrap.dedent(
     """
     import os, signal, sys
-    from deepfeat import cli, embedder
+    from deepfeat import cli, runtime
 
     limit = int(sys.argv[1])
-    infer, calls = embedder.ImageEmbedder._infer, [0]
+    run, calls = runtime.Runner.run, [0]
 
-    def infer_then_die(self, batch):
+    def run_then_die(self, batch):
         calls[0] += 1
         if calls[0] > limit:  # the power goes out while batch `limit + 1` runs
             os.kill(os.getpid(), signal.SIGKILL)
-        return infer(self, batch)
+        return run(self, batch)
 
-    embedder.ImageEmbedder._infer = infer_then_die
+    runtime.Runner.run = run_then_die
     sys.exit(cli.main(sys.argv[2:]))
     """
 )

@@ -21,6 +21,7 @@ from sklearn.utils.estimator_checks import (
 
 from deepfeat import ImageEmbedder
 from deepfeat.pooling import pool
+from deepfeat.sessions import clear_sessions, session_stats
 
 from .conftest import TINY_PREPROCESSING
 
@@ -115,15 +116,15 @@ def test_image_size_changes_input(tiny, sample_photos):
     assert a.transform(sample_photos[:1]).shape == (1, 8 * 16 * 16)
 
 
-def test_pickle_drops_session_and_reproduces(tiny, sample_photos, tmp_path):
+def test_pickle_holds_no_session_and_reproduces(tiny, sample_photos, tmp_path):
     emb = tiny.fit()
     X = emb.transform(sample_photos)
-    assert emb._runner is not None
     blob = pickle.dumps(emb)
-    assert b"InferenceSession" not in blob
+    assert b"InferenceSession" not in blob and b"Runner" not in blob
+    before = session_stats()["builds"]
     back = pickle.loads(blob)
-    assert getattr(back, "_runner", None) is None
     np.testing.assert_array_equal(back.transform(sample_photos), X)
+    assert session_stats()["builds"] == before  # the unpickled copy reuses the process's session
     joblib.dump(emb, tmp_path / "emb.joblib")
     np.testing.assert_array_equal(joblib.load(tmp_path / "emb.joblib").transform(sample_photos), X)
 
@@ -226,6 +227,7 @@ def test_unpickled_embedder_refuses_a_replaced_model_file(tmp_path, sample_photo
     emb = ImageEmbedder(model=str(path), preprocessing=TINY_PREPROCESSING, progress=False).fit()
     blob = pickle.dumps(emb)
     onnx.save(build_tiny_cnn(seed=1), str(path))  # same name, other weights
+    clear_sessions()  # as in a fresh worker process: no pooled session for the fitted file's hash
     with pytest.raises(ModelFileError, match="Refit the embedder"):
         pickle.loads(blob).transform(sample_photos)
     shutil.rmtree(tmp_path)

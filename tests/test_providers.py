@@ -95,8 +95,9 @@ def test_cuda_features_agree_with_cpu(sample_photos, record_property):
         warnings.simplefilter("error", ProviderFallbackWarning)
         gpu = clone(cpu).set_params(providers=cuda_provider(0), strict_providers=True, batch_size=64).fit()
     assert gpu.providers_[0] == "CUDAExecutionProvider"
-    assert gpu._runner.use_io_binding and gpu._runner.output_device == ("cuda", 0)
     a, b = cpu.transform(sample_photos), gpu.transform(sample_photos)
+    runner = gpu._network(("blocks.10", "pooled"))
+    assert runner.use_io_binding and runner.output_device == ("cuda", 0)
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     record_property("max_abs_diff", float(np.abs(a - b).max()))
     assert cos.min() >= 0.999
@@ -118,20 +119,20 @@ def test_cuda_float16_file_agrees_with_cpu_float32(sample_photos, tmp_path):
 def test_set_params_providers_after_fit_rebuilds_the_session(tiny_model_path, sample_photos):
     emb = ImageEmbedder(model=str(tiny_model_path), preprocessing=TINY_PREPROCESSING, progress=False).fit()
     X = emb.transform(sample_photos)
-    first = emb._runner
+    first = emb._network(("pooled",))
     emb.set_params(providers=[MISSING, "cpu"])
     with pytest.warns(ProviderFallbackWarning, match=MISSING):
         np.testing.assert_array_equal(emb.transform(sample_photos), X)
-    assert emb._runner is not first and emb.providers_ == ["CPUExecutionProvider"]
+    assert emb._network(("pooled",)) is not first and emb.providers_ == ["CPUExecutionProvider"]
 
 
 def test_inference_threads_reach_the_session_and_set_params_rebuilds_it(tiny_model_path, sample_photos):
     emb = ImageEmbedder(model=str(tiny_model_path), preprocessing=TINY_PREPROCESSING, progress=False,
                         inference_threads=1).fit()
-    assert emb._runner.session.get_session_options().intra_op_num_threads == 1
     X = emb.transform(sample_photos)
+    assert emb._network(("pooled",)).session.get_session_options().intra_op_num_threads == 1
     emb.set_params(inference_threads=2)
     np.testing.assert_allclose(emb.transform(sample_photos), X, rtol=1e-6, atol=1e-6)  # no refit needed
-    assert emb._runner.session.get_session_options().intra_op_num_threads == 2
+    assert emb._network(("pooled",)).session.get_session_options().intra_op_num_threads == 2
     with pytest.raises(ValueError, match="inference_threads"):
         clone(emb).set_params(inference_threads=0).fit()

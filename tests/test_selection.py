@@ -63,11 +63,17 @@ def test_select_layer_uses_the_cache(tiny_model_path, photo_folder, tmp_path):
               cache=tmp_path / "cache", embedder_params=PARAMS)
     first = select_layer(df["path"], df["label"], **kw)
     info = FeatureCache(tmp_path / "cache").info()
-    # one fingerprint per pooling, every image stored once under each
-    assert len(info["fingerprints"]) == 2 and info["vectors"] == 2 * len(df)
+    # one fingerprint per layer and pooling, every image stored once under each
+    assert len(info["fingerprints"]) == 4 and info["vectors"] == 4 * len(df)
+    assert all(f["computed"] == len(df) for f in info["fingerprints"])
     again = select_layer(df["path"], df["label"], **kw)
-    assert FeatureCache(tmp_path / "cache").info()["vectors"] == 2 * len(df)
+    assert FeatureCache(tmp_path / "cache").info()["vectors"] == 4 * len(df)
     pd.testing.assert_frame_equal(first.drop(columns="mean_fit_time"), again.drop(columns="mean_fit_time"))
+    # the winner, embedded on its own afterwards (what `classify --layers X` does), is read back, not computed
+    emb = ImageEmbedder(model=str(tiny_model_path), layers="stage2", pooling="gem", cache=tmp_path / "cache",
+                        **PARAMS).fit()
+    emb.transform(df["path"])
+    assert emb.cache_stats_["hits"] == len(df) and emb.cache_stats_["computed"] == 0
 
 
 def test_select_layer_custom_probe_scoring_and_failures(tiny_model_path, photo_folder, tmp_path, caplog):
