@@ -119,15 +119,19 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
     n_features_out_ : int
         Length of the output vectors.
     providers_ : list of str
-        Execution providers the session really runs on.
+        After ``fit``, the available providers in the order asked (no
+        session is opened by ``fit``); after a ``transform`` that ran the
+        network, those the session really runs on.
     failures_ : pandas.DataFrame
         After ``transform`` with ``on_error="skip"``: the inputs that failed,
         with their row position and the reason. Empty when all succeeded.
     cache_dir_ : pathlib.Path or None
         The cache folder used, ``None`` without a cache.
     cache_fingerprint_ : str
-        SHA-256 of the settings that determine the vectors (the cache's key
-        prefix).
+        SHA-256 identifying the settings that determine the vectors; the
+        cache keys each layer's vectors by its own fingerprint (model file,
+        tensor, pooling, preprocessing), so layers are shared between
+        embedders that ask for them in other combinations.
     cache_stats_ : dict
         Counts of the last ``transform``: ``hits`` (rows read from the cache),
         ``misses``, ``computed`` (images run through the network),

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import stat as stat_module
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping, Sequence
 
@@ -60,7 +61,9 @@ def content_key(item: Any, mode: str = "content") -> tuple[str | None, tuple | N
     item : path, bytes, ndarray or other
         What :class:`~deepfeat.ImageEmbedder` accepts.
     mode : {"content", "stat"}
-        ``"content"`` hashes the file's bytes (an edited file always misses).
+        ``"content"`` hashes the file's bytes (an edited file always misses);
+        a process hashes each version of a file (device, inode, size, mtime,
+        ctime, which no tool can set back after an edit) once.
         ``"stat"`` hashes real path, inode, size, mtime and ctime instead, with
         no read: much faster on slow disks, but it trusts the file system's
         timestamps (an edit that keeps all of them returns the old vector).
@@ -94,6 +97,10 @@ def content_key(item: Any, mode: str = "content") -> tuple[str | None, tuple | N
             if mode == "stat":
                 ident = "\0".join(map(str, (os.path.realpath(path),) + stamp))
                 return "s:" + hashlib.blake2b(ident.encode(), digest_size=16).hexdigest(), stamp
+            memo = (path, st.st_dev) + stamp
+            key = _HASHED.get(memo)
+            if key is not None:
+                return key, stamp
             h = hashlib.blake2b(digest_size=16)
             with open(path, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -101,7 +108,9 @@ def content_key(item: Any, mode: str = "content") -> tuple[str | None, tuple | N
         except OSError:
             return None, None  # the decoder reports the reason
         # same prefix as raw bytes: a file and its bytes decode identically
-        return "c:" + h.hexdigest(), stamp
+        key = "c:" + h.hexdigest()
+        _remember(memo, key, st)
+        return key, stamp
     if isinstance(item, (bytes, bytearray, memoryview)):
         return "c:" + hashlib.blake2b(bytes(item), digest_size=16).hexdigest(), None
     if isinstance(item, np.ndarray) and item.dtype != object:
@@ -109,6 +118,24 @@ def content_key(item: Any, mode: str = "content") -> tuple[str | None, tuple | N
         h.update(np.ascontiguousarray(item).data)
         return "a:" + h.hexdigest(), None
     return None, None
+
+
+# Content keys hashed in this process, by file version (path, device, inode, size,
+# mtime, ctime): every fold of a grid search hashes each photo once, not once per fold.
+# Like git's index, a file is remembered only once its timestamps are older than
+# _SETTLED seconds, so an edit in the same clock tick as the hashing (same size,
+# mtime reset) still changes the ctime that a later look-up sees.
+_HASHED: dict[tuple, str] = {}
+_HASHED_MAX = 200_000
+_SETTLED = 2.0
+
+
+def _remember(memo: tuple, key: str, st: os.stat_result) -> None:
+    if time.time() - max(st.st_mtime, st.st_ctime) < _SETTLED:
+        return
+    if len(_HASHED) >= _HASHED_MAX:
+        _HASHED.clear()
+    _HASHED[memo] = key
 
 
 def content_keys(items: Sequence, mode: str = "content", threads: int = 1) -> tuple[list, list]:

@@ -39,3 +39,12 @@ def test_stage_shapes_and_embedder(resnet50, tmp_path, sample_photos):
     X = ImageEmbedder(model=str(path), preprocessing=random_resnet50.PREPROCESSING, layers=["stage3", "pooled"],
                       progress=False).fit_transform(sample_photos)
     assert X.shape == (2, 1024 + 2048) and np.isfinite(X).all() and X.std() > 0
+
+
+def test_update_replaces_only_the_measured_sections():
+    run = pytest.importorskip("run")
+    old = "# Benchmark results\n\n- Command: `python benchmarks/run.py` (every number below comes from this one run)\n\n" \
+          "## A\n\nold a\n\n## B\n\nold b\n"
+    new = run._merge(old, ["_Re-measured today._\n## B\n\nnew b\n", "_Re-measured today._\n## C\n\nnew c\n"])
+    assert "old a" in new and "old b" not in new and "new b" in new and new.index("## B") < new.index("## C")
+    assert new.count("_Re-measured today._") == 2 and "except sections marked re-measured" in new

@@ -257,3 +257,24 @@ def test_two_processes_on_one_cold_cache_each_compute_a_share(tmp_path, tiny_mod
     assert all(40 <= c <= 120 for c in computed), computed  # each did 25-75 %
     info = FeatureCache(tmp_path / "c").info()
     assert info["vectors"] == 160 and info["claims"] == 0
+
+
+def test_content_keys_are_hashed_once_per_file_version(tmp_path, monkeypatch):
+    from deepfeat import keys
+
+    monkeypatch.setattr(keys, "_SETTLED", 0.0)  # remember at once (default: files older than 2 s)
+    monkeypatch.setattr(keys, "_HASHED", {})
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"a" * 1000)
+    first = keys.content_key(path)[0]
+    assert len(keys._HASHED) == 1 and keys.content_key(path)[0] == first
+    st = os.stat(path)
+    time.sleep(0.05)  # past the file system's clock tick
+    path.write_bytes(b"b" * 1000)  # same size, and the old mtime put back: only ctime tells
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    edited = keys.content_key(path)[0]
+    assert edited != first and edited == keys.content_key(b"b" * 1000)[0]
+    monkeypatch.setattr(keys, "_SETTLED", 3600.0)  # a file changed within the hour is never remembered
+    keys._HASHED.clear()
+    keys.content_key(path)
+    assert keys._HASHED == {}
