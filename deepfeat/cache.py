@@ -344,6 +344,8 @@ class FeatureCache:
                 )
                 con.execute("PRAGMA journal_mode=WAL").fetchone()
                 con.execute("PRAGMA synchronous=NORMAL")
+                # 64 MiB of pages: random-key inserts and look-ups stay in memory as the file grows
+                con.execute("PRAGMA cache_size=-65536")
                 if self.check:
                     rows = [r[0] for r in con.execute("PRAGMA quick_check(5)").fetchall()]
                     if rows != ["ok"]:
@@ -514,14 +516,19 @@ class FeatureCache:
                 part = keys[start : start + _SQL_CHUNK]
                 index = {k: start + i for i, k in enumerate(part)}
                 marks = ",".join("?" * len(part))
+                hit, blobs = [], []
                 for key, blob, crc in con.execute(
                     f"SELECT key, vector, crc FROM vectors WHERE fp=? AND key IN ({marks})", (fp, *part)
                 ):
                     if len(blob) != nbytes or _crc(key, blob) != crc:
                         raise CacheCorruptError(self.path, f"checksum mismatch in the vector stored for key {key}")
-                    i = index[key]
-                    out[rows[i], cols] = np.frombuffer(blob, dtype=_VECTOR_DTYPE)
-                    found[i] = True
+                    hit.append(index[key])
+                    blobs.append(blob)
+                if hit:
+                    # one copy of the whole chunk into place
+                    block = np.frombuffer(b"".join(blobs), dtype=_VECTOR_DTYPE).reshape(len(hit), dim)
+                    out[np.asarray(rows)[hit], cols] = block
+                    found[hit] = True
 
         self._read(read)
         return found

@@ -351,7 +351,8 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         )
         if result.failures:
             logger.warning("%d of %d images failed and were given NaN rows", len(result.failures), len(items))
-        self.failures_ = pd.DataFrame(result.failures, columns=["position", "source", "reason"])
+        self.failures_ = (pd.DataFrame(result.failures, columns=["position", "source", "reason"])
+                          if result.failures else _empty_failures())
         self.cache_stats_ = result.stats
         if result.providers is not None:
             self.providers_ = result.providers  # what the session really runs on
@@ -381,8 +382,11 @@ def _default_decode_threads(device: bool) -> int:
     return cores if device else max(1, min(4, cores))
 
 
+_NO_FAILURES = pd.DataFrame(columns=["position", "source", "reason"])
+
+
 def _empty_failures() -> pd.DataFrame:
-    return pd.DataFrame(columns=["position", "source", "reason"])
+    return _NO_FAILURES.copy(deep=False)  # building a new empty frame costs more than the warm read itself
 
 
 def _as_items(X) -> list:

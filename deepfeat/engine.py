@@ -274,8 +274,8 @@ def embed(
     def finish(task: _Task, futures: list[Future]) -> None:
         nonlocal providers
         ok_rows, ok_idx, arrays = [], [], []
-        for offset, fut in enumerate(futures):
-            res = fut.result()
+        decoded = [res for fut in futures for res in fut.result()]
+        for offset, res in enumerate(decoded):
             pos = int(task.positions[offset])
             if isinstance(res, ImageDecodeError):
                 if on_error == "raise":
@@ -341,8 +341,12 @@ def embed(
             err.__cause__ = exc
             return err
 
+    def decode_many(positions: np.ndarray) -> list:
+        return [decode_safe(items[p]) for p in positions]
+
+    workers = max(1, decode_threads)
     try:
-        with ThreadPoolExecutor(max_workers=max(1, decode_threads), thread_name_prefix="deepfeat-decode") as ex:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deepfeat-decode") as ex:
             in_flight: tuple[_Task, list[Future]] | None = None
             delay = poll
             try:
@@ -357,7 +361,10 @@ def embed(
                         continue
                     delay = poll
                     # decode the next batch while the network runs on this one
-                    futures = [ex.submit(decode_safe, items[p]) for p in task.positions]
+                    # a few futures per batch, not one per image: each future costs a lock and a condition
+                    step = -(-len(task.positions) // workers)
+                    futures = [ex.submit(decode_many, task.positions[s : s + step])
+                               for s in range(0, len(task.positions), step)]
                     if in_flight is not None:
                         finish(*in_flight)
                     in_flight = (task, futures)

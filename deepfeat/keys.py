@@ -141,6 +141,9 @@ def _remember(memo: tuple, key: str, st: os.stat_result) -> None:
 def content_keys(items: Sequence, mode: str = "content", threads: int = 1) -> tuple[list, list]:
     """:func:`content_key` of every item: ``(keys, stamps)``, files hashed on ``threads`` threads.
 
+    Files this process has hashed already (same version) cost a ``stat``;
+    only the others are read, in chunks spread over the threads.
+
     Examples
     --------
     >>> import numpy as np
@@ -148,13 +151,42 @@ def content_keys(items: Sequence, mode: str = "content", threads: int = 1) -> tu
     >>> keys[0][:2], keys[1], stamps
     ('a:', None, [None, None])
     """
-    if threads > 1 and len(items) > 16:
-        # hashing releases the GIL; file reads overlap
+    if mode not in KEY_MODES:
+        raise ValueError(f"mode must be one of {KEY_MODES}; got {mode!r}.")
+    pairs: list = [None] * len(items)
+    todo = []
+    for i, item in enumerate(items):
+        known = _remembered(item) if mode == "content" else None
+        if known is not None:
+            pairs[i] = known
+        else:
+            todo.append(i)
+    if threads > 1 and len(todo) > 16:
+        # hashing releases the GIL; file reads overlap. Chunks keep the per-future cost small.
+        step = max(1, min(64, len(todo) // (4 * threads)))
+        chunks = [todo[s : s + step] for s in range(0, len(todo), step)]
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="deepfeat-hash") as ex:
-            pairs = list(ex.map(lambda it: content_key(it, mode), items, chunksize=8))
+            for chunk, got in zip(chunks, ex.map(lambda c: [content_key(items[i], mode) for i in c], chunks)):
+                for i, pair in zip(chunk, got):
+                    pairs[i] = pair
     else:
-        pairs = [content_key(it, mode) for it in items]
+        for i in todo:
+            pairs[i] = content_key(items[i], mode)
     return [k for k, _ in pairs], [s for _, s in pairs]
+
+
+def _remembered(item: Any) -> tuple[str, tuple] | None:
+    """The key this process hashed for this version of the file, if any: one ``stat``."""
+    if not _HASHED or not isinstance(item, (str, os.PathLike)):
+        return None
+    path = os.fspath(item)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    stamp = _file_stamp(st)
+    key = _HASHED.get((path, st.st_dev) + stamp)
+    return None if key is None else (key, stamp)
 
 
 def stamp_holds(item: Any, stamp: tuple | None) -> bool:
