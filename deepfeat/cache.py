@@ -284,7 +284,6 @@ class FeatureCache:
         self.claim_timeout = float(claim_timeout)
         self.check = bool(check)
         self._local = threading.local()
-        self._fp_ids: dict[tuple[int, str], tuple[int, int]] = {}
 
     #: the engine computes image keys only for a store that keeps vectors
     persistent = True
@@ -327,7 +326,7 @@ class FeatureCache:
         if con is None:
             con = self._connect()
             local.con, local.pid, local.ino = con, os.getpid(), os.stat(self.path).st_ino
-            self._fp_ids = {}
+            local.fp_ids = {}  # per connection, so per thread: row ids are only memoised once committed
         return con
 
     def _connect(self) -> sqlite3.Connection:
@@ -449,9 +448,10 @@ class FeatureCache:
         self, con: sqlite3.Connection, fingerprint: str, dim: int | None = None, description: Mapping | None = None
     ) -> tuple[int, int] | None:
         """``(row id, dim)`` of ``fingerprint``; registered when ``dim`` is given (inside a write)."""
-        memo = (id(con), fingerprint)
-        if memo in self._fp_ids:
-            fp, stored = self._fp_ids[memo]
+        memos = self._local.fp_ids
+        known = memos.get(fingerprint)
+        if known is not None:
+            fp, stored = known
         else:
             row = con.execute("SELECT id, dim FROM fingerprints WHERE fingerprint=?", (fingerprint,)).fetchone()
             if row is None:
@@ -465,7 +465,7 @@ class FeatureCache:
                 # not memoised: the transaction may still roll back
                 return int(cur.lastrowid), int(dim)
             fp, stored = int(row[0]), int(row[1])
-            self._fp_ids[memo] = (fp, stored)
+            memos[fingerprint] = (fp, stored)
         if dim is not None and stored != int(dim):
             raise CacheCorruptError(
                 self.path, f"fingerprint {fingerprint[:12]} holds {stored}-d vectors, got {dim}-d ones"
@@ -632,6 +632,8 @@ class FeatureCache:
         sid = _scope_id(scope)
 
         def write(con):
+            # the owner is alive: its claims still being computed get a fresh heartbeat
+            con.execute("UPDATE claims SET heartbeat=? WHERE owner=?", (now, owner))
             held: dict[str, tuple] = {}
             for part in _chunks(list(keys)):
                 marks = ",".join("?" * len(part))

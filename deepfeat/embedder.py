@@ -250,13 +250,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         self.output_shapes_ = [tuple(s[1:]) for s in shapes]
         self.output_dims_ = [pooled_dim(s, self.pooling) for s in shapes]
         self.n_features_out_ = int(sum(self.output_dims_))
-        self._scope = feature_fingerprint(self._pass_parts())
-        self._plan = [
-            Layer(label, tensor, self.pooling, dim, feature_fingerprint(self._layer_parts(tensor, shape, dim)),
-                  self._layer_description(label, tensor))
-            for (label, tensor), shape, dim in zip(self.layers_, shapes, self.output_dims_)
-        ]
-        self.cache_fingerprint_ = feature_fingerprint({"layers": [layer.fingerprint for layer in self._plan]})
+        self._build_plan()
         self.failures_ = _empty_failures()
         self._fitted_params = self._vector_params()
         self.cache_dir_ = resolve_cache_dir(self.cache)
@@ -264,6 +258,16 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         if self.cache_dir_ is not None:
             open_cache(self.cache_dir_)  # a corrupt or unwritable cache fails here, not mid-transform
         return self
+
+    def _build_plan(self) -> None:
+        """The engine's view of the fitted state: claims scope, and one Layer per output block."""
+        self._scope = feature_fingerprint(self._pass_parts())
+        self._plan = [
+            Layer(label, tensor, self.pooling, dim, feature_fingerprint(self._layer_parts(tensor, shape, dim)),
+                  self._layer_description(label, tensor))
+            for (label, tensor), shape, dim in zip(self.layers_, self.output_shapes_, self.output_dims_)
+        ]
+        self.cache_fingerprint_ = feature_fingerprint({"layers": [layer.fingerprint for layer in self._plan]})
 
     def _pass_parts(self) -> dict:
         """What decides how an image is decoded and run: the claims scope, and part of every fingerprint."""
@@ -283,7 +287,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
     def _layer_parts(self, tensor: str, shape: tuple, dim: int) -> dict:
         """Everything that changes one layer's vector; its hash keys the layer's vectors in the cache."""
         # pooling does nothing to a (n, d) vector: one stored copy serves every pooling
-        pooling = "vector" if len(shape) == 2 else self.pooling
+        pooling = "vector" if len(shape) == 1 else self.pooling  # shape without the batch axis
         return {**self._pass_parts(), "tensor": tensor, "pooling": pooling, "dim": int(dim)}
 
     def _layer_description(self, label: str, tensor: str) -> dict:
@@ -335,6 +339,8 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self, "layers_")
         self._check_unchanged_since_fit()
+        if not hasattr(self, "_plan"):  # fitted (and pickled) by deepfeat 0.1.0, before the engine
+            self._build_plan()
         items = _as_items(X)
         s = self.spec_
         decode = partial(

@@ -269,6 +269,7 @@ def embed(
 
     # decode -> session -> pool -> store -> array
     providers: list[str] | None = None
+    retry: list[int] = []
     bar = _progress_bar(len(loose) + int((~complete).sum()), progress)
 
     def finish(task: _Task, futures: list[Future]) -> None:
@@ -282,9 +283,8 @@ def embed(
                     raise res
                 logger.warning("skipping %s", res)
                 failures.append((pos, res.source, res.reason))
-                if task.units is not None:
-                    for d in dups.get(int(task.units[offset]), ()):
-                        failures.append((d, describe(items[d]), res.reason))
+                if task.units is not None:  # its copies may still be readable: they run on their own
+                    retry.extend(dups.get(int(task.units[offset]), ()))
                 continue
             ok_rows.append(pos)
             ok_idx.append(offset)
@@ -312,11 +312,14 @@ def embed(
         units = task.units
         if units is not None:
             ok_units = units[ok_idx]
-            copy_dups(ok_units, np.ones(n_layers, dtype=bool))  # found layers too, not only computed ones
-            keep = [
-                i for i, u in zip(ok_idx, ok_units)
-                if np.isfinite(X[upos[u]]).all() and stamp_holds(items[upos[u]], stamps[upos[u]])
-            ]
+            keep = []
+            for i, u in zip(ok_idx, ok_units):
+                if stamp_holds(items[upos[u]], stamps[upos[u]]):
+                    copy_dups([u], np.ones(n_layers, dtype=bool))  # found layers too, not only computed ones
+                    if np.isfinite(X[upos[u]]).all():
+                        keep.append(i)
+                else:  # edited while read: the vector is not its key's, nor its copies'
+                    retry.extend(dups.get(int(u), ()))
             if len(keep) < len(ok_idx):
                 logger.info("not caching %d vectors (non-finite, or file changed while read)", len(ok_idx) - len(keep))
             kept = units[keep]
@@ -345,36 +348,48 @@ def embed(
         return [decode_safe(items[p]) for p in positions]
 
     workers = max(1, decode_threads)
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deepfeat-decode") as ex:
-            in_flight: tuple[_Task, list[Future]] | None = None
-            delay = poll
-            try:
-                for task in tasks():
-                    if task is _WAIT:
-                        if in_flight is not None:
-                            finish(*in_flight)
-                            in_flight = None
-                        else:
-                            time.sleep(delay)  # another process computes what we need
-                            delay = min(delay * 1.5, 0.5)
-                        continue
-                    delay = poll
-                    # decode the next batch while the network runs on this one
-                    # a few futures per batch, not one per image: each future costs a lock and a condition
-                    step = -(-len(task.positions) // workers)
-                    futures = [ex.submit(decode_many, task.positions[s : s + step])
-                               for s in range(0, len(task.positions), step)]
+
+    def drive(ex: ThreadPoolExecutor, work: Iterator[Any]) -> None:
+        in_flight: tuple[_Task, list[Future]] | None = None
+        delay = poll
+        try:
+            for task in work:
+                if task is _WAIT:
                     if in_flight is not None:
                         finish(*in_flight)
-                    in_flight = (task, futures)
+                        in_flight = None
+                    else:
+                        time.sleep(delay)  # another process computes what we need
+                        delay = min(delay * 1.5, 0.5)
+                    continue
+                delay = poll
+                # decode the next batch while the network runs on this one; a few futures
+                # per batch, not one per image: each future costs a lock and a condition
+                step = -(-len(task.positions) // workers)
+                futures = [ex.submit(decode_many, task.positions[s : s + step])
+                           for s in range(0, len(task.positions), step)]
                 if in_flight is not None:
                     finish(*in_flight)
-                    in_flight = None
-            finally:
-                if in_flight is not None:
-                    for f in in_flight[1]:
-                        f.cancel()
+                in_flight = (task, futures)
+            if in_flight is not None:
+                finish(*in_flight)
+                in_flight = None
+        finally:
+            if in_flight is not None:
+                for f in in_flight[1]:
+                    f.cancel()
+
+    def retried() -> Iterator[_Task]:
+        todo = np.asarray(retry, dtype=np.intp)
+        retry.clear()
+        for s in range(0, len(todo), bs):
+            yield _Task(todo[s : s + bs], None, np.ones(n_layers, dtype=bool))
+
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deepfeat-decode") as ex:
+            drive(ex, tasks())
+            while retry:  # copies of failed or edited images, computed on their own, never stored
+                drive(ex, retried())
     finally:
         if bar is not None:
             bar.close()

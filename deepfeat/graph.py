@@ -21,8 +21,12 @@ class LayerError(ValueError):
     """A requested layer is not in the model."""
 
 
-def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+def load_onnx(path: str | os.PathLike, data: bytes | None = None) -> onnx.ModelProto:
     """Load and check an ONNX file, with an actionable error if it is not one.
+
+    With ``data``, the model is parsed from those bytes (already read and
+    hash-checked by the caller), and external weights are read from the
+    file's folder.
 
     Examples
     --------
@@ -32,7 +36,14 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     True
     """
     try:
-        model = onnx.load(os.fspath(path))
+        if data is None:
+            model = onnx.load(os.fspath(path))
+        else:
+            from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+            model = onnx.load_model_from_string(data)
+            if any(uses_external_data(t) for t in model.graph.initializer):
+                load_external_data_for_model(model, os.path.dirname(os.path.abspath(os.fspath(path))))
         onnx.checker.check_model(model)
     except Exception as exc:  # onnx raises several unrelated types here
         raise ValueError(

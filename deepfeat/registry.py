@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -340,11 +341,35 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     digest = h.hexdigest()
-    with _SHA_LOCK:
-        if len(_SHA_MEMO) >= 256:
-            _SHA_MEMO.clear()
-        _SHA_MEMO[stamp] = digest
+    # like git's index: a file is remembered only once its timestamps have settled, so a
+    # rewrite in the same clock tick as this read (same size) cannot hide behind the memo
+    if time.time() - max(st.st_mtime, st.st_ctime) >= 2.0:
+        with _SHA_LOCK:
+            if len(_SHA_MEMO) >= 256:
+                _SHA_MEMO.clear()
+            _SHA_MEMO[stamp] = digest
     return digest
+
+
+def verified_bytes(path: str | os.PathLike, sha256: str) -> bytes:
+    """The file's bytes, read once and checked against ``sha256`` (what is parsed is what was hashed).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.NamedTemporaryFile() as f:
+    ...     verified_bytes(f.name, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+    b''
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise ModelFileError(
+            f"The model file {os.fspath(path)} has sha256 {digest}, but {sha256} was expected "
+            "(it changed since it was checked). Refit the embedder, or restore the original file."
+        )
+    return data
 
 
 _SHA_MEMO: dict[tuple, str] = {}

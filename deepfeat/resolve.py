@@ -173,12 +173,12 @@ def model_summary(path: str, sha256: str) -> GraphSummary:
     >>> model_summary(str(path), file_sha256(path)).first_output
     'logits'
     """
-    return GraphSummary.of(load_onnx(path))
+    return GraphSummary.of(_load_checked(path, sha256))
 
 
 @lru_cache(maxsize=16)
 def _inferred(path: str, sha256: str, input_size: int) -> dict[str, tuple]:
-    return inferred_shapes(load_onnx(path), input_size)
+    return inferred_shapes(_load_checked(path, sha256), input_size)
 
 
 @lru_cache(maxsize=64)
@@ -207,4 +207,9 @@ def layer_shapes(path: str, sha256: str, tensors: tuple, input_size: int, exact:
 
     if all(known(s) for s in shapes):
         return tuple(shapes)
-    return tuple(probe_shapes(load_onnx(path), list(tensors), input_size))
+    return tuple(probe_shapes(_load_checked(path, sha256), list(tensors), input_size))
+
+
+def _load_checked(path: str, sha256: str):
+    # parse the bytes that were hashed: the memos are keyed by that hash
+    return load_onnx(path, registry.verified_bytes(path, sha256))

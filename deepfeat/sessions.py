@@ -21,7 +21,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
 from . import graph
-from .registry import ModelFileError, file_sha256
+from .registry import ModelFileError, file_sha256, verified_bytes
 from .runtime import ProviderArg, Runner, _normalise
 
 __all__ = ["get_runner", "clear_sessions", "session_stats", "MAX_SESSIONS"]
@@ -33,6 +33,7 @@ MAX_SESSIONS = int(os.environ.get("DEEPFEAT_MAX_SESSIONS", "8"))
 
 _POOL: "OrderedDict[tuple, Runner]" = OrderedDict()
 _LOCK = threading.Lock()
+_BUILDING: dict[tuple, threading.Lock] = {}
 _BUILDS = 0
 
 
@@ -42,10 +43,11 @@ _INHERITED: list = []
 
 
 def _reset_after_fork() -> None:
-    global _POOL, _LOCK, _BUILDS
+    global _POOL, _LOCK, _BUILDS, _BUILDING
     _INHERITED.append(_POOL)
     _POOL = OrderedDict()
     _LOCK = threading.Lock()
+    _BUILDING = {}
     _BUILDS = 0
 
 
@@ -100,16 +102,26 @@ def get_runner(
         if runner is not None:
             _POOL.move_to_end(key)
             return runner
-        # built under the lock: two threads asking for one session build it once
+        building = _BUILDING.setdefault(key, threading.Lock())
+    # one lock per key: two threads asking for one session build it once, and a slow
+    # build (TensorRT: minutes) does not hold up threads whose sessions are pooled
+    with building:
+        with _LOCK:
+            runner = _POOL.get(key)
+        if runner is not None:
+            return runner
         path = _checked_path(model_path, model_sha256, locate)
-        cut = graph.truncate(graph.load_onnx(path), list(tensors))
+        proto = graph.load_onnx(path, verified_bytes(path, model_sha256))  # parse what was hashed
+        cut = graph.truncate(proto, list(tensors))
         runner = Runner.from_model(cut.SerializeToString(), providers, strict=strict, intra_op_threads=threads)
-        _BUILDS += 1
-        logger.info("built ONNX Runtime session #%d for %s cut at %s on %s", _BUILDS, path, list(tensors),
-                    runner.providers)
-        _POOL[key] = runner
-        while len(_POOL) > max(1, MAX_SESSIONS):
-            _POOL.popitem(last=False)
+        with _LOCK:
+            _BUILDS += 1
+            logger.info("built ONNX Runtime session #%d for %s cut at %s on %s", _BUILDS, path, list(tensors),
+                        runner.providers)
+            _POOL[key] = runner
+            _BUILDING.pop(key, None)
+            while len(_POOL) > max(1, MAX_SESSIONS):
+                _POOL.popitem(last=False)
         return runner
 
 

@@ -278,3 +278,56 @@ def test_content_keys_are_hashed_once_per_file_version(tmp_path, monkeypatch):
     keys._HASHED.clear()
     keys.content_key(path)
     assert keys._HASHED == {}
+
+
+def _file_pixels(path):
+    from deepfeat.images import ImageDecodeError
+
+    data = Path(path).read_bytes()
+    if not data:
+        raise ImageDecodeError(str(path), "empty file")
+    return np.frombuffer(data, np.uint8)[:4].astype(np.float32).reshape(1, 2, 2)
+
+
+def test_a_copy_of_a_failing_image_runs_on_its_own(tmp_path):
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    for p in (a, b):
+        p.write_bytes(bytes([1, 2, 3, 4]))
+
+    def decode(path):  # `a` becomes unreadable after its key was made
+        if Path(path).name == "a.bin":
+            raise __import__("deepfeat.images", fromlist=["x"]).ImageDecodeError(str(path), "gone")
+        return _file_pixels(path)
+
+    res = embed([str(a), str(b)], [LAYER], decode=decode, network=lambda t: _Sum([]), store=FeatureCache(tmp_path / "c"),
+                scope="s", on_error="skip")
+    assert [f[0] for f in res.failures] == [0] and np.isnan(res.X[0]).all()
+    assert res.X[1].tolist() == [10.0, 20.0, 30.0]  # 1+2+3+4, times 1, 2, 3
+
+
+def test_a_file_edited_while_read_gives_its_copies_nothing(tmp_path):
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    for p in (a, b):
+        p.write_bytes(bytes([1, 2, 3, 4]))
+
+    def decode(path):
+        if Path(path).name == "a.bin":  # edited between its key and its decode
+            time.sleep(0.02)
+            Path(path).write_bytes(bytes([9, 9, 9, 9, 9]))
+        return _file_pixels(path)
+
+    cache = FeatureCache(tmp_path / "c")
+    res = embed([str(a), str(b)], [LAYER], decode=decode, network=lambda t: _Sum([]), store=cache, scope="s")
+    assert res.X[0].tolist() == [36.0, 72.0, 108.0] and res.X[1].tolist() == [10.0, 20.0, 30.0]
+    assert cache.info()["vectors"] == 0  # neither vector was stored under the old content's key
+
+
+def test_an_embedder_pickled_before_the_engine_still_transforms(tiny_model_path, sample_photos):
+    emb = ImageEmbedder(model=str(tiny_model_path), preprocessing=TINY_PREPROCESSING, progress=False).fit()
+    X = emb.transform(sample_photos)
+    state = emb.__getstate__()
+    for private in ("_plan", "_scope"):  # what deepfeat 0.1.0 did not have
+        state.pop(private)
+    old = ImageEmbedder.__new__(ImageEmbedder)
+    old.__setstate__(state)
+    assert np.array_equal(old.transform(sample_photos), X)
