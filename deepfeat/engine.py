@@ -290,11 +290,29 @@ def embed(
             ok_idx.append(offset)
             arrays.append(res)
         need = np.flatnonzero(task.need)
+        outs = None
         if arrays:
             tensors = tuple(dict.fromkeys(layers[j].tensor for j in need))
             runner = network(tensors)
-            outputs = dict(zip(tensors, runner.run(np.stack(arrays))))
+            outs, ran, errors = run_split(runner, np.stack(arrays))
             providers = list(runner.providers)
+            for i, exc in errors.items():
+                pos = ok_rows[i]
+                reason = f"inference failed on {runner.providers[0]} ({type(exc).__name__}: {exc})"
+                logger.warning("skipping %s: %s", describe(items[pos]), reason)
+                failures.append((pos, describe(items[pos]), reason))
+                if task.units is not None:
+                    retry.extend(dups.get(int(task.units[ok_idx[i]]), ()))
+            if errors and outs is None and not stats["computed"]:
+                first = ok_rows[min(errors)]
+                raise RuntimeError(
+                    f"ONNX Runtime on {runner.providers[0]} could not run any image, even alone (first: "
+                    f"{describe(items[first])}: {errors[min(errors)]}). Check the provider, or lower batch_size."
+                ) from errors[min(errors)]
+            ok_rows = [p for p, r in zip(ok_rows, ran) if r]
+            ok_idx = [i for i, r in zip(ok_idx, ran) if r]
+        if outs is not None:
+            outputs = dict(zip(tensors, outs))
             rows = np.asarray(ok_rows, dtype=np.intp)
             for j in need:
                 vecs = pool(outputs[layers[j].tensor], layers[j].pooling)
@@ -333,6 +351,24 @@ def embed(
             missing[ok_units[:, None], need[None, :]] = False
         if bar is not None:
             bar.update(len(task.positions))
+
+    def run_split(runner: _Runner, batch: np.ndarray) -> tuple[list | None, np.ndarray, dict[int, Exception]]:
+        """Outputs of the rows that ran, which rows ran, and the error of each row that failed alone.
+
+        With ``on_error="skip"`` a batch that fails (out of memory, say) is run again in halves,
+        down to single images, so one bad batch costs only the images that fail on their own."""
+        try:
+            return list(runner.run(batch)), np.ones(len(batch), dtype=bool), {}
+        except Exception as exc:
+            if on_error == "raise":
+                raise
+            if len(batch) == 1:
+                return None, np.zeros(1, dtype=bool), {0: exc}
+        mid = len(batch) // 2
+        o1, m1, e1 = run_split(runner, batch[:mid])
+        o2, m2, e2 = run_split(runner, batch[mid:])
+        outs = o2 if o1 is None else o1 if o2 is None else [np.concatenate([a, b]) for a, b in zip(o1, o2)]
+        return outs, np.concatenate([m1, m2]), {**e1, **{mid + k: v for k, v in e2.items()}}
 
     def decode_safe(item: Any) -> Any:
         try:

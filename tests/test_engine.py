@@ -331,3 +331,39 @@ def test_an_embedder_pickled_before_the_engine_still_transforms(tiny_model_path,
     old = ImageEmbedder.__new__(ImageEmbedder)
     old.__setstate__(state)
     assert np.array_equal(old.transform(sample_photos), X)
+
+
+class _Fragile(_Sum):
+    """Fails on batches of more than 3 images (as out of memory would), and on one poisoned image alone."""
+
+    def run(self, batch):
+        if len(batch) > 3:
+            raise MemoryError("Failed to allocate memory for the batch")
+        if (batch == 99).all(axis=(1, 2, 3)).any():
+            raise RuntimeError("kernel failed")
+        return super().run(batch)
+
+
+def test_a_failing_batch_costs_only_the_image_that_fails_alone(tmp_path):
+    items = _arrays(20, seed=3)
+    items[13] = np.full((2, 2), 99, np.uint8)
+    ref = embed(items, [LAYER], decode=_decode, network=lambda t: _Sum([]), batch_size=8).X
+    cache = FeatureCache(tmp_path)
+    res = embed(items, [LAYER], decode=_decode, network=lambda t: _Fragile([]), store=cache, scope="s",
+                batch_size=8, on_error="skip")
+    assert [f[0] for f in res.failures] == [13] and "inference failed on none" in res.failures[0][2]
+    assert "kernel failed" in res.failures[0][2]
+    ok = np.arange(20) != 13
+    assert np.array_equal(res.X[ok], ref[ok]) and np.isnan(res.X[13]).all()
+    assert res.stats["computed"] == 19 and cache.info()["vectors"] == 19 and cache.info()["claims"] == 0
+    with pytest.raises(MemoryError):  # on_error="raise": the error as it came
+        embed(_arrays(8, seed=4), [LAYER], decode=_decode, network=lambda t: _Fragile([]), batch_size=8)
+
+
+def test_a_network_that_runs_nothing_is_an_error_not_a_column_of_nan():
+    class Broken(_Sum):
+        def run(self, batch):
+            raise RuntimeError("CUDA failure 999: unknown error")
+
+    with pytest.raises(RuntimeError, match="could not run any image, even alone.*CUDA failure 999"):
+        embed(_arrays(4), [LAYER], decode=_decode, network=lambda t: Broken([]), on_error="skip")
