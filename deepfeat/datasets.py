@@ -10,8 +10,35 @@ import pandas as pd
 
 __all__ = ["load_image_folder", "make_sample_photos", "IMAGE_EXTENSIONS"]
 
-#: file endings read as images (those of torchvision's ImageFolder, plus TIFF and HEIC-free others)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+def _pillow_extensions() -> tuple[str, ...]:
+    """File endings of every format the installed Pillow can open and decode.
+
+    Stub plugins (BUFR, GRIB, HDF5, WMF/EMF off Windows: they need a handler
+    nobody registers), MPEG (identified, never decoded) and PostScript without
+    Ghostscript are left out: a folder's README.ps is not an image.
+    """
+    from PIL import EpsImagePlugin, Image, ImageFile
+
+    Image.init()
+    out = []
+    for ext, fmt in Image.registered_extensions().items():
+        entry = Image.OPEN.get(fmt)
+        if entry is None:
+            continue
+        cls = entry[0]
+        if isinstance(cls, type) and issubclass(cls, ImageFile.StubImageFile):
+            continue
+        if fmt == "MPEG" or (fmt == "EPS" and not EpsImagePlugin.has_ghostscript()):
+            continue
+        out.append(ext.lower())
+    return tuple(sorted(set(out)))
+
+
+#: file endings read as images: every format the installed Pillow opens and decodes (AVIF, WebP,
+#: JPEG 2000, TIFF, ... with the plugins it was built with)
+IMAGE_EXTENSIONS = _pillow_extensions()
 
 
 def load_image_folder(root: str | os.PathLike, *, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> pd.DataFrame:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import re
@@ -12,6 +11,7 @@ from numbers import Integral
 from pathlib import Path
 from typing import Any
 
+import joblib
 import numpy as np
 import pandas as pd
 from PIL import Image
@@ -25,7 +25,7 @@ from .engine import Layer, embed
 from .images import DEFAULT_MAX_PIXELS, network_input
 from .keys import KEY_MODES, feature_fingerprint
 from .pooling import POOLINGS, pooled_dim
-from .registry import DEFAULT_MODEL, file_sha256
+from .registry import DEFAULT_MODEL, model_sha256
 from .resolve import layer_shapes, model_summary, resolve_model
 from .runtime import Runner, on_device, resolve_providers
 from .sessions import get_runner
@@ -231,7 +231,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         if self.image_size is not None:
             ratio = spec.resize_size / spec.input_size
             spec = replace(spec, input_size=self.image_size, resize_size=round(self.image_size * ratio))
-        sha = spec.sha256 or file_sha256(path)
+        sha = spec.sha256 or model_sha256(path)  # external-data weights included
         layers = spec.default_layer if self.layers is None else self.layers
         self.layers_ = graph.resolve_layers(model_summary(str(path), sha), layers, spec.layers)
         tensors = tuple(t for _, t in self.layers_)
@@ -298,7 +298,8 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
     def _vector_params(self) -> dict:
         """The parameters that ``fit`` resolved into the layers or the cache keys."""
         keys = ("model", "layers", "pooling", "image_size", "preprocessing", "jpeg_draft", "cache", "cache_key")
-        return copy.deepcopy({k: getattr(self, k) for k in keys})
+        # hashed, not copied: a numpy mean/std compares without "truth value of an array is ambiguous"
+        return {k: joblib.hash(getattr(self, k)) for k in keys}
 
     def _check_unchanged_since_fit(self) -> None:
         fitted = getattr(self, "_fitted_params", None)

@@ -36,6 +36,8 @@ _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "lanczos": Image.Resampling.LANCZOS,
 }
+#: resampling filters ``preprocess`` (and ``preprocessing={"interpolation": ...}``) accept
+INTERPOLATIONS = tuple(_RESAMPLE)
 
 # file signatures of things that are often saved under an image name, for a better reason
 _NOT_IMAGE_HINTS = (
@@ -364,7 +366,9 @@ def _decode(img: Image.Image, name: str, max_pixels: int | None) -> Image.Image:
     watch = None
     if isinstance(img, ImageFile.ImageFile) and img.tile:
         # a file image not yet decoded: watch its reads (rule 4)
-        watch = _ReadWatch(getattr(img, "load_read", None) or img.fp.read)
+        # read through whatever `fp` is current when Pillow reads: plugins such as AVIF swap
+        # `fp` for a buffer of decoded pixels inside load(), after this point
+        watch = _ReadWatch(getattr(img, "load_read", None) or (lambda size=-1: img.fp.read(size)))
         img.load_read = watch
     try:
         img.load()

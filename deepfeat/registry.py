@@ -351,6 +351,80 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest
 
 
+def model_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 identifying a model: its file's, combined with every external-data file it references.
+
+    ONNX files over 2 GB (and some exports) keep their weights in files beside
+    the ``.onnx``; replacing one changes the model as surely as editing the
+    ``.onnx``, so the digest covers them (resolved, as ONNX Runtime does,
+    relative to the model's folder). For a self-contained file it is the
+    file's own sha256.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.NamedTemporaryFile(suffix=".onnx") as f:
+    ...     model_sha256(f.name) == file_sha256(f.name)
+    True
+    """
+    return _with_external(path, file_sha256(path))
+
+
+def _with_external(path: str | os.PathLike, digest: str, data: bytes | None = None) -> str:
+    locations = _external_locations(path, data)
+    if not locations:
+        return digest
+    base = Path(path).resolve().parent
+    h = hashlib.sha256(digest.encode())
+    for loc in locations:
+        target = (base / loc).resolve()
+        if base not in target.parents:
+            raise ModelFileError(f"The model file {path} references external data {loc!r} outside its folder {base}.")
+        try:
+            part = file_sha256(target)
+        except OSError as exc:
+            raise ModelFileError(
+                f"The model file {path} references external data {loc!r}, which cannot be read ({exc}). "
+                "Keep the weights file beside the .onnx."
+            ) from exc
+        h.update(b"\0" + loc.encode() + b"\0" + part.encode())
+    return h.hexdigest()
+
+
+def _external_locations(path: str | os.PathLike, data: bytes | None = None) -> tuple[str, ...]:
+    st = os.stat(path)
+    stamp = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with _SHA_LOCK:
+        known = _EXT_MEMO.get(stamp)
+    if known is not None:
+        return known
+    if data is None:
+        with open(path, "rb") as f:
+            data = f.read()
+    found: tuple[str, ...] = ()
+    if b"location" in data:  # the key every external-data entry carries; parse only then
+        try:
+            import onnx
+
+            proto = onnx.load_model_from_string(data)
+        except Exception:  # not ONNX: graph.load_onnx reports it with a better message
+            proto = None
+        if proto is not None:
+            tensors = list(proto.graph.initializer) + [
+                a.t for n in proto.graph.node for a in n.attribute if a.HasField("t")
+            ]
+            found = tuple(sorted({
+                e.value for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL
+                for e in t.external_data if e.key == "location"
+            }))
+    with _SHA_LOCK:
+        _EXT_MEMO[stamp] = found
+    return found
+
+
+_EXT_MEMO: dict[tuple, tuple[str, ...]] = {}
+
+
 def verified_bytes(path: str | os.PathLike, sha256: str) -> bytes:
     """The file's bytes, read once and checked against ``sha256`` (what is parsed is what was hashed).
 
@@ -363,7 +437,7 @@ def verified_bytes(path: str | os.PathLike, sha256: str) -> bytes:
     """
     with open(path, "rb") as f:
         data = f.read()
-    digest = hashlib.sha256(data).hexdigest()
+    digest = _with_external(path, hashlib.sha256(data).hexdigest(), data)
     if digest != sha256:
         raise ModelFileError(
             f"The model file {os.fspath(path)} has sha256 {digest}, but {sha256} was expected "

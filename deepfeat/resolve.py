@@ -14,6 +14,9 @@ from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
+from typing import Mapping
+
+import numpy as np
 import onnx
 import pandas as pd
 
@@ -23,7 +26,19 @@ from .download import fetch_model
 from .graph import GraphSummary, inferred_shapes, layer_table, load_onnx, probe_shapes
 from .registry import ModelSpec
 
-__all__ = ["resolve_model", "list_layers", "model_summary", "layer_shapes"]
+__all__ = ["resolve_model", "check_preprocessing", "list_layers", "model_summary", "layer_shapes"]
+
+#: keys of ``ImageEmbedder(preprocessing=...)`` and what each must be
+PREPROCESSING_KEYS = {
+    "input_size": "an int >= 8 (the square crop side)",
+    "resize_size": "an int >= 1 (the shorter side before the crop)",
+    "mean": "3 numbers, one per RGB channel on the 0..255 scale, e.g. (123.675, 116.28, 103.53)",
+    "std": "3 positive numbers on the 0..255 scale, e.g. (58.395, 57.12, 57.375)",
+    "interpolation": "one of {}",
+    "channel_order": "'RGB' or 'BGR'",
+    "layers": "a dict of layer alias -> tensor name",
+    "default_layer": "a layer alias or tensor name (str)",
+}
 
 
 def resolve_model(model: str | os.PathLike, **overrides) -> tuple[Path, ModelSpec]:
@@ -45,7 +60,7 @@ def resolve_model(model: str | os.PathLike, **overrides) -> tuple[Path, ModelSpe
     >>> path.name, spec.layers["stage4"]
     ('efficientnet_lite0.onnx', 'blocks.10')
     """
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+    overrides = check_preprocessing({k: v for k, v in overrides.items() if v is not None})
     name = os.fspath(model)
     if name in registry._REGISTRY:
         spec = registry._REGISTRY[name]
@@ -84,6 +99,69 @@ def resolve_model(model: str | os.PathLike, **overrides) -> tuple[Path, ModelSpe
     defaults.update(_recorded_defaults(str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
     defaults.update(overrides)
     return path, registry.ModelSpec(**defaults)
+
+
+def check_preprocessing(preprocessing: Mapping | None) -> dict:
+    """Validate ``preprocessing`` overrides; return them normalised (mean/std as tuples of float).
+
+    The one place preprocessing is checked: the user's values override the
+    model's (recorded in the file or registered), which override the
+    library's defaults, and a mistake is reported here, naming the key, the
+    value and what is allowed, never later as an image that "fails to decode".
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_preprocessing({"mean": np.array([127.0] * 3), "input_size": 300})
+    {'mean': (127.0, 127.0, 127.0), 'input_size': 300}
+    >>> check_preprocessing({"input_szie": 300})
+    Traceback (most recent call last):
+    ...
+    ValueError: The 'preprocessing' parameter has an unknown key 'input_szie' (did you mean 'input_size'?). Allowed keys: ['channel_order', 'default_layer', 'input_size', 'interpolation', 'layers', 'mean', 'resize_size', 'std'].
+    """
+    import difflib
+    from numbers import Integral, Real
+
+    from .images import INTERPOLATIONS
+
+    if preprocessing is None:
+        return {}
+    if not isinstance(preprocessing, Mapping):
+        raise ValueError(f"The 'preprocessing' parameter must be a dict or None; got {preprocessing!r}.")
+    out: dict = {}
+    for key, value in preprocessing.items():
+        if key not in PREPROCESSING_KEYS:
+            close = difflib.get_close_matches(str(key), PREPROCESSING_KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"The 'preprocessing' parameter has an unknown key {key!r}{hint}. "
+                f"Allowed keys: {sorted(PREPROCESSING_KEYS)}."
+            )
+        ok = True
+        if key in ("input_size", "resize_size"):
+            ok = isinstance(value, Integral) and not isinstance(value, bool) and value >= (8 if key == "input_size" else 1)
+            value = int(value) if ok else value
+        elif key in ("mean", "std"):
+            try:
+                arr = np.asarray(value, dtype=np.float64).ravel()
+                ok = isinstance(value, (list, tuple, np.ndarray)) and arr.shape == (3,) and bool(np.isfinite(arr).all())
+                ok = ok and (key == "mean" or bool((arr > 0).all()))
+            except (TypeError, ValueError):
+                ok = False
+            value = tuple(float(v) for v in arr) if ok else value
+        elif key == "interpolation":
+            ok = value in INTERPOLATIONS
+        elif key == "channel_order":
+            ok = value in ("RGB", "BGR")
+        elif key == "layers":
+            ok = isinstance(value, Mapping) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+        elif key == "default_layer":
+            ok = isinstance(value, str)
+        if not ok:
+            allowed = PREPROCESSING_KEYS[key].format(sorted(INTERPOLATIONS))
+            raise ValueError(f"The 'preprocessing' parameter's {key!r} must be {allowed}; got {value!r}.")
+        out[key] = value
+    return out
 
 
 def list_layers(

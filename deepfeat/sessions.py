@@ -21,7 +21,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
 from . import graph
-from .registry import ModelFileError, file_sha256, verified_bytes
+from .registry import ModelFileError, model_sha256, verified_bytes
 from .runtime import ProviderArg, Runner, _normalise
 
 __all__ = ["get_runner", "clear_sessions", "session_stats", "MAX_SESSIONS"]
@@ -127,18 +127,18 @@ def get_runner(
 
 def _checked_path(path: Any, sha256: str, locate: Callable[[], Any] | None) -> str:
     try:
-        if file_sha256(path) == sha256:
+        if model_sha256(path) == sha256:
             return os.fspath(path)
-    except OSError:
+    except (OSError, ModelFileError):
         pass
     if locate is not None:
         found = locate()
-        digest = file_sha256(found)
+        digest = model_sha256(found)
         if digest == sha256:
             return os.fspath(found)
         path = found
     else:
-        digest = file_sha256(path) if os.path.isfile(path) else "(missing)"
+        digest = model_sha256(path) if os.path.isfile(path) else "(missing)"
     raise ModelFileError(
         f"The model file {os.fspath(path)} has sha256 {digest}, but the features were set up with "
         f"{sha256}. Refit the embedder, or restore the original file."

@@ -1,0 +1,108 @@
+"""Hardening from an adversarial run: modern formats, external-data weights, preprocessing mistakes,
+corrupt caches, hostile model files, and model files that are safe to share."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deepfeat import ImageEmbedder, load_image_folder
+from deepfeat.datasets import IMAGE_EXTENSIONS
+
+from .conftest import TINY_PREPROCESSING
+
+
+def _cos(a, b):
+    return float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("fmt, ext", [("AVIF", ".avif"), ("WEBP", ".webp"), ("JPEG2000", ".jp2")])
+def test_modern_formats_embed_like_their_jpeg(tmp_path, hymenoptera, fmt, ext):
+    from PIL import features
+
+    if fmt == "AVIF" and not features.check("avif"):
+        pytest.skip("this Pillow has no AVIF support")
+    src = sorted((hymenoptera / "val" / "bees").glob("*.jpg"))[0]
+    root = tmp_path / "photos" / "bees"
+    root.mkdir(parents=True)
+    (root / "a.jpg").write_bytes(src.read_bytes())
+    Image.open(src).convert("RGB").save(root / f"a{ext}", fmt, quality=90)
+    df = load_image_folder(tmp_path / "photos")
+    assert sorted(p.rsplit(".", 1)[1] for p in df["path"]) == sorted(["jpg", ext[1:]])  # listed, not skipped
+    X = ImageEmbedder(progress=False, jpeg_draft=False).fit_transform(df["path"])
+    assert np.isfinite(X).all() and _cos(X[0], X[1]) >= 0.99
+
+
+def test_folders_list_every_extension_pillow_decodes():
+    from PIL import Image as PILImage
+
+    for ext in (".avif", ".webp", ".jp2", ".tiff", ".qoi", ".jpg", ".png"):
+        fmt = PILImage.registered_extensions().get(ext)
+        if fmt is not None and fmt in PILImage.OPEN:
+            assert ext in IMAGE_EXTENSIONS, ext
+    assert ".h5" not in IMAGE_EXTENSIONS and ".grib" not in IMAGE_EXTENSIONS  # stub plugins: never decoded
+
+
+def _save_external(model, folder):
+    import onnx
+
+    folder.mkdir(exist_ok=True)
+    onnx.save_model(model, str(folder / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights.bin", size_threshold=0)
+    return folder / "m.onnx"
+
+
+def test_external_data_weights_are_part_of_the_model_identity(tmp_path, sample_photos):
+    import pickle
+
+    from deepfeat.registry import ModelFileError
+    from deepfeat.sessions import clear_sessions
+
+    from .conftest import build_tiny_cnn
+
+    path = _save_external(build_tiny_cnn(seed=0), tmp_path / "a")
+    assert (tmp_path / "a" / "weights.bin").stat().st_size > 0
+    kw = dict(model=str(path), preprocessing=TINY_PREPROCESSING, progress=False, cache=tmp_path / "c")
+    emb = ImageEmbedder(**kw).fit()
+    before = emb.transform(sample_photos)
+    blob = pickle.dumps(emb)
+    # the same graph with other weights, written only to the weights file
+    _save_external(build_tiny_cnn(seed=1), tmp_path / "b")
+    (tmp_path / "a" / "weights.bin").write_bytes((tmp_path / "b" / "weights.bin").read_bytes())
+    fresh = ImageEmbedder(**kw).fit()
+    assert fresh.model_sha256_ != emb.model_sha256_
+    after = fresh.transform(sample_photos)
+    assert fresh.cache_stats_["computed"] == 2  # not answered with the old weights' vectors
+    plain = ImageEmbedder(**{**kw, "cache": None}).fit().transform(sample_photos)
+    assert np.array_equal(after, plain) and not np.allclose(after, before)
+    clear_sessions()  # as in a fresh worker process
+    with pytest.raises(ModelFileError, match="Refit"):
+        pickle.loads(blob).transform([p[:, ::-1].copy() for p in sample_photos])  # images it has not stored
+
+
+@pytest.mark.parametrize(
+    "preprocessing, match",
+    [
+        ({"interpolation": "area"}, r"'preprocessing' parameter's 'interpolation' must be one of .*bicubic.*got 'area'"),
+        ({"input_szie": 300}, r"unknown key 'input_szie' \(did you mean 'input_size'\?\)"),
+        ({"mean": 0.5}, r"'preprocessing' parameter's 'mean' must be 3 numbers.*got 0.5"),
+        ({"std": (1.0, 0.0, 1.0)}, r"'std' must be 3 positive numbers"),
+        ({"input_size": "224"}, r"'input_size' must be an int >= 8 .*; got '224'"),
+        ({"channel_order": "rgb"}, r"'channel_order' must be 'RGB' or 'BGR'"),
+    ],
+)
+def test_preprocessing_mistakes_are_refused_by_fit(tiny_model_path, preprocessing, match):
+    with pytest.raises(ValueError, match=match):
+        ImageEmbedder(model=str(tiny_model_path), preprocessing={**TINY_PREPROCESSING, **preprocessing},
+                      progress=False).fit()
+
+
+def test_numpy_mean_and_std_work(tiny_model_path, sample_photos):
+    kw = dict(model=str(tiny_model_path), progress=False)
+    as_tuple = ImageEmbedder(**kw, preprocessing={**TINY_PREPROCESSING, "mean": (127.0,) * 3, "std": (60.0,) * 3})
+    as_array = ImageEmbedder(**kw, preprocessing={**TINY_PREPROCESSING, "mean": np.array([127.0] * 3),
+                                                   "std": np.full(3, 60.0)})
+    a = as_tuple.fit_transform(sample_photos)
+    assert np.array_equal(as_array.fit_transform(sample_photos), a)
+    assert np.array_equal(as_array.transform(sample_photos), a)  # no "truth value of an array is ambiguous"
