@@ -185,6 +185,7 @@ def _is_corrupt(exc: sqlite3.Error) -> bool:
         or "malformed" in msg
         or "not a database" in msg
         or "corrupt" in msg
+        or "could not decode" in msg.lower()  # a damaged text cell (a key) that is no longer UTF-8
     )
 
 
@@ -387,6 +388,11 @@ class FeatureCache:
     def _error(self, exc: sqlite3.Error) -> CacheError:
         if _is_corrupt(exc):
             return CacheCorruptError(self.path, f"{type(exc).__name__}: {exc}")
+        if getattr(exc, "sqlite_errorname", "").startswith("SQLITE_FULL") or "disk is full" in str(exc):
+            return CacheError(
+                f"The feature cache {self.path} cannot grow: the disk is full ({exc}). Nothing of the failed "
+                "batch was stored. Free some space, or point cache= (--cache-dir) at a folder on another disk."
+            )
         return CacheError(f"Feature cache {self.path}: {type(exc).__name__}: {exc}")
 
     @staticmethod
@@ -695,8 +701,15 @@ class FeatureCache:
         self._write(write)
 
     # ------------------------------------------------------------ inspection
-    def info(self) -> dict:
+    def info(self, full: bool = False) -> dict:
         """Size, integrity and contents of the cache, without creating it.
+
+        Parameters
+        ----------
+        full : bool, default=False
+            Also run SQLite's complete ``PRAGMA integrity_check`` (reads every
+            page and index; ``quick_check``, run on every open, skips the
+            index-to-table cross-check).
 
         Returns
         -------
@@ -725,6 +738,10 @@ class FeatureCache:
             return out
 
         def read(con):
+            if full:
+                problems = [r[0] for r in con.execute("PRAGMA integrity_check(5)").fetchall()]
+                if problems != ["ok"]:
+                    raise CacheCorruptError(self.path, "integrity_check: " + " ".join(" ".join(problems).split()))
             rows = con.execute(
                 "SELECT f.fingerprint, f.dim, f.description, f.computed, f.created, "
                 "(SELECT COUNT(*) FROM vectors v WHERE v.fp = f.id) FROM fingerprints f ORDER BY f.created"

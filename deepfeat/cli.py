@@ -322,13 +322,14 @@ def _cache_dir(path: str | None) -> Path:
 def cmd_cache_info(args) -> int:
     from .cache import FeatureCache
 
-    info = FeatureCache(_cache_dir(args.path)).info()
+    info = FeatureCache(_cache_dir(args.path)).info(full=args.full)
     if not info["exists"]:
         print(f"no feature cache at {info['path']}")
         return 0
     print(
         f"{info['path']}: {info['vectors']} vectors, {info['bytes'] / 1e6:.1f} MB, "
-        f"integrity ok, {info['claims']} images being computed now"
+        f"{'full integrity_check' if args.full else 'integrity (quick_check)'} ok, "
+        f"{info['claims']} images being computed now"
     )
     rows = [
         {
@@ -521,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         q = csub.add_parser(name, help=text)
         q.add_argument("path", nargs="?", default=None, help="cache folder (default: $DEEPFEAT_CACHE or ~/.cache/deepfeat/features)")
+        if name == "info":
+            q.add_argument("--full", action="store_true",
+                           help="run SQLite's complete integrity_check (reads every page; slower on a large cache)")
         q.set_defaults(func=func)
 
 

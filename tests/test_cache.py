@@ -580,7 +580,7 @@ def test_cli_cache_info_and_clear(tmp_path, tiny_model_path, photos, capsys):
     assert "5 hits, 0 computed" in capsys.readouterr().out
     assert main(["cache", "info", str(cache_dir)]) == 0
     out = capsys.readouterr().out
-    assert "5 vectors" in out and "integrity ok" in out and "tiny.onnx" in out
+    assert "5 vectors" in out and "integrity (quick_check) ok" in out and "tiny.onnx" in out
 
     open_cache(cache_dir).close()
     FeatureCache(cache_dir).close()

@@ -106,3 +106,80 @@ def test_numpy_mean_and_std_work(tiny_model_path, sample_photos):
     a = as_tuple.fit_transform(sample_photos)
     assert np.array_equal(as_array.fit_transform(sample_photos), a)
     assert np.array_equal(as_array.transform(sample_photos), a)  # no "truth value of an array is ambiguous"
+
+
+# ------------------------------------------------------------------ corrupt caches
+def _filled(directory, n=50):
+    from deepfeat.cache import FeatureCache
+
+    cache = FeatureCache(directory)
+    keys = [f"k{i}" for i in range(n)]
+    cache.put_many("fp", keys, np.random.default_rng(0).normal(size=(n, 4)).astype(np.float32))
+    cache.close()
+    return keys
+
+
+def test_a_key_that_is_no_longer_text_is_reported_as_corruption(tmp_path):
+    import sqlite3
+
+    from deepfeat.cache import DB_NAME, CacheCorruptError, FeatureCache
+
+    _filled(tmp_path)
+    con = sqlite3.connect(tmp_path / DB_NAME)
+    con.execute("UPDATE fingerprints SET description = CAST(X'FFFE4142' AS TEXT)")  # random bytes in a text cell
+    con.commit()
+    con.close()
+    with pytest.raises(CacheCorruptError, match=f"decode.*deepfeat cache clear {tmp_path}"):
+        FeatureCache(tmp_path).info()
+
+
+def test_full_integrity_check_finds_what_quick_check_passes(tmp_path, capsys):
+    import sqlite3
+
+    from deepfeat.cache import DB_NAME, CacheCorruptError, FeatureCache
+    from deepfeat.cli import main
+
+    _filled(tmp_path)
+    con = sqlite3.connect(tmp_path / DB_NAME)
+    con.execute("CREATE INDEX by_crc ON vectors (crc)")
+    con.execute("PRAGMA writable_schema=ON")  # the index now claims to hold what it does not: rows missing from it
+    con.execute("UPDATE sqlite_master SET sql='CREATE INDEX by_crc ON vectors (fp)' WHERE name='by_crc'")
+    con.commit()
+    con.close()
+    FeatureCache(tmp_path).info()  # quick_check (every open) passes it, though counts now go wrong
+    with pytest.raises(CacheCorruptError, match="integrity_check.*deepfeat cache clear"):
+        FeatureCache(tmp_path).info(full=True)
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "deepfeat", "cache", "info", "--full", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and "corrupt" in res.stderr and "deepfeat cache clear" in res.stderr
+
+
+def test_a_full_disk_fails_the_transform_clearly_and_leaves_no_claims(tmp_path, tiny_model_path):
+    import os
+    import subprocess
+
+    from deepfeat.cache import CacheError, FeatureCache
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        items = list(np.random.default_rng(0).integers(0, 256, size=(3000, 8, 8, 3), dtype=np.uint8))
+        kw = dict(model=str(tiny_model_path), preprocessing=TINY_PREPROCESSING, progress=False)
+        emb = ImageEmbedder(**kw, cache=mnt / "c").fit()
+        with pytest.raises(CacheError, match="disk is full.*Free some space"):
+            emb.transform(items)
+        info = FeatureCache(mnt / "c").info()
+        assert info["claims"] == 0 and 0 < info["vectors"] < 3000
+        stored = ImageEmbedder(**kw, cache=mnt / "c").fit()
+        # what was stored is right: read back, compared with the uncached vectors
+        X = stored.transform(items[:16]) if info["vectors"] >= 16 else None
+        if X is not None and stored.cache_stats_["hits"] == 16:
+            assert np.array_equal(X, ImageEmbedder(**kw).fit().transform(items[:16]))
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
