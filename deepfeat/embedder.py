@@ -25,7 +25,7 @@ from .engine import Layer, embed
 from .images import DEFAULT_MAX_PIXELS, network_input
 from .keys import KEY_MODES, feature_fingerprint
 from .pooling import POOLINGS, pooled_dim
-from .registry import DEFAULT_MODEL, model_sha256
+from .registry import DEFAULT_MODEL, ModelFileError, model_sha256
 from .resolve import layer_shapes, model_summary, resolve_model
 from .runtime import Runner, on_device, resolve_providers
 from .sessions import get_runner
@@ -233,7 +233,9 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
             spec = replace(spec, input_size=self.image_size, resize_size=round(self.image_size * ratio))
         sha = spec.sha256 or model_sha256(path)  # external-data weights included
         layers = spec.default_layer if self.layers is None else self.layers
-        self.layers_ = graph.resolve_layers(model_summary(str(path), sha), layers, spec.layers)
+        summary = model_summary(str(path), sha)
+        _check_input(summary.input_shape, spec.input_size, path)
+        self.layers_ = graph.resolve_layers(summary, layers, spec.layers)
         tensors = tuple(t for _, t in self.layers_)
         shapes = layer_shapes(str(path), sha, tensors, spec.input_size, self.pooling == "none")
         for (label, tensor), shape in zip(self.layers_, shapes):
@@ -381,6 +383,23 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         tags.input_tags.string = True
         tags.requires_fit = True
         return tags
+
+
+def _check_input(shape: tuple, size: int, path) -> None:
+    """Refuse, naming the file, a model whose declared input cannot take (batch, 3, size, size)."""
+    want = f"(batch, 3, {size}, {size})"
+    if len(shape) != 4 or shape[1] not in (None, 3):
+        raise ModelFileError(
+            f"The model file {path} declares its input as {shape}; deepfeat feeds images as {want}. "
+            "Use a CNN with an NCHW RGB input."
+        )
+    fixed = [d for d in shape[2:] if d is not None]
+    if fixed and any(d != size for d in fixed):
+        raise ModelFileError(
+            f"The model file {path} declares a fixed input of {shape}, but deepfeat would feed {want}. "
+            f"Set preprocessing={{'input_size': {fixed[0]}}} (if that size is sensible), or re-export it "
+            "with dynamic height and width."
+        )
 
 
 def _default_decode_threads(device: bool) -> int:

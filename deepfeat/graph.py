@@ -79,15 +79,21 @@ class GraphSummary:
     ...     [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
     ...     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     >>> GraphSummary.of(helper.make_model(g))
-    GraphSummary(produced=frozenset({'y'}), first_output='y')
+    GraphSummary(produced=frozenset({'y'}), first_output='y', input_shape=(1,))
     """
 
     produced: frozenset
     first_output: str
+    #: the first graph input that is not a weight: its declared dims (None where symbolic)
+    input_shape: tuple = ()
 
     @classmethod
     def of(cls, model: onnx.ModelProto) -> "GraphSummary":
-        return cls(frozenset(o for n in model.graph.node for o in n.output), model.graph.output[0].name)
+        weights = {t.name for t in model.graph.initializer}
+        data = [i for i in model.graph.input if i.name not in weights]
+        dims = tuple(d.dim_value if d.HasField("dim_value") else None
+                     for d in data[0].type.tensor_type.shape.dim) if data else ()
+        return cls(frozenset(o for n in model.graph.node for o in n.output), model.graph.output[0].name, dims)
 
 
 def inferred_shapes(model: onnx.ModelProto, input_size: int | None = None) -> dict[str, tuple]:

@@ -285,7 +285,16 @@ def layer_shapes(path: str, sha256: str, tensors: tuple, input_size: int, exact:
 
     if all(known(s) for s in shapes):
         return tuple(shapes)
-    return tuple(probe_shapes(_load_checked(path, sha256), list(tensors), input_size))
+    try:
+        return tuple(probe_shapes(_load_checked(path, sha256), list(tensors), input_size))
+    except registry.ModelFileError:
+        raise
+    except Exception as exc:  # ONNX Runtime's own words, with the file named
+        raise registry.ModelFileError(
+            f"ONNX Runtime cannot run the model file {path} on a {input_size}x{input_size} image "
+            f"({type(exc).__name__}: {exc}). Check that the file is a CNN taking (batch, 3, h, w) images, "
+            "uses only standard ONNX operators, and that preprocessing['input_size'] fits it."
+        ) from exc
 
 
 def _load_checked(path: str, sha256: str):

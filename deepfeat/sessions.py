@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 from . import graph
 from .registry import ModelFileError, model_sha256, verified_bytes
-from .runtime import ProviderArg, Runner, _normalise
+from .runtime import ProviderArg, ProviderError, Runner, _normalise
 
 __all__ = ["get_runner", "clear_sessions", "session_stats", "MAX_SESSIONS"]
 
@@ -113,7 +113,15 @@ def get_runner(
         path = _checked_path(model_path, model_sha256, locate)
         proto = graph.load_onnx(path, verified_bytes(path, model_sha256))  # parse what was hashed
         cut = graph.truncate(proto, list(tensors))
-        runner = Runner.from_model(cut.SerializeToString(), providers, strict=strict, intra_op_threads=threads)
+        try:
+            runner = Runner.from_model(cut.SerializeToString(), providers, strict=strict, intra_op_threads=threads)
+        except ProviderError:
+            raise
+        except Exception as exc:  # ONNX Runtime's message alone names neither the file nor the cut
+            raise ModelFileError(
+                f"ONNX Runtime cannot load the model file {path} cut at {list(tensors)} "
+                f"({type(exc).__name__}: {exc})."
+            ) from exc
         with _LOCK:
             _BUILDS += 1
             logger.info("built ONNX Runtime session #%d for %s cut at %s on %s", _BUILDS, path, list(tensors),

@@ -183,3 +183,39 @@ def test_a_full_disk_fails_the_transform_clearly_and_leaves_no_claims(tmp_path, 
             assert np.array_equal(X, ImageEmbedder(**kw).fit().transform(items[:16]))
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+# --------------------------------------------------------------- hostile model files
+def _tiny_variant(tmp_path, name, *, input_dims=None, domain=None):
+    import onnx
+
+    from .conftest import build_tiny_cnn
+
+    m = build_tiny_cnn()
+    if input_dims is not None:
+        dims = m.graph.input[0].type.tensor_type.shape.dim
+        for d, v in zip(dims, input_dims):
+            d.ClearField("dim_param")
+            d.dim_value = v
+    if domain is not None:
+        m.graph.node[1].domain = domain  # the first Relu, from an operator set nobody provides
+        m.opset_import.append(onnx.helper.make_opsetid(domain, 1))
+    path = tmp_path / name
+    path.write_bytes(m.SerializeToString())
+    return path
+
+
+def test_a_huge_declared_input_is_refused_at_fit_naming_the_file(tmp_path):
+    from deepfeat.registry import ModelFileError
+
+    path = _tiny_variant(tmp_path, "huge.onnx", input_dims=(1, 3, 100000, 100000))
+    with pytest.raises(ModelFileError, match=r"huge.onnx declares a fixed input of \(1, 3, 100000, 100000\)"):
+        ImageEmbedder(model=str(path), preprocessing=TINY_PREPROCESSING, progress=False).fit()
+
+
+def test_an_unknown_operator_domain_is_refused_naming_the_file(tmp_path, sample_photos):
+    from deepfeat.registry import ModelFileError
+
+    path = _tiny_variant(tmp_path, "custom.onnx", domain="com.example.secret")
+    with pytest.raises(ModelFileError, match="model file .*custom.onnx.*com.example.secret:Relu"):
+        ImageEmbedder(model=str(path), preprocessing=TINY_PREPROCESSING, progress=False).fit()
