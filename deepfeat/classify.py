@@ -409,7 +409,9 @@ def confusion_table(y_true, y_pred, labels: Sequence | None = None) -> pd.DataFr
 
 
 def save_model(pipeline: Pipeline, path: str | os.PathLike) -> None:
-    """Save an image pipeline with joblib (the ONNX Runtime session is not saved).
+    """Save an image pipeline: ``*.skops`` with skops (safe to share), else joblib (a pickle).
+
+    The ONNX Runtime session is never saved.
 
     Parameters
     ----------
@@ -417,7 +419,8 @@ def save_model(pipeline: Pipeline, path: str | os.PathLike) -> None:
         From :func:`make_image_pipeline` (or any fitted Pipeline whose first
         step is an :class:`ImageEmbedder`).
     path : str or path-like
-        Target file, usually ``*.joblib``; parent folders are created.
+        Target file: ``*.skops`` (needs the ``skops`` extra) or ``*.joblib``;
+        parent folders are created.
 
     Examples
     --------
@@ -439,13 +442,35 @@ def save_model(pipeline: Pipeline, path: str | os.PathLike) -> None:
     _check_image_pipeline(pipeline, "pipeline")
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    joblib.dump(pipeline, path)
+    if path.endswith(".skops"):
+        _skops().dump(pipeline, path)
+    else:
+        joblib.dump(pipeline, path)
+
+
+#: modules whose types a ``.skops`` model may hold; anything else is refused by :func:`load_model`
+TRUSTED_MODULES = ("deepfeat.", "sklearn.")
+
+
+def _skops():
+    try:
+        import skops.io as sio
+    except ImportError as exc:
+        raise ImportError(
+            "Saving and loading .skops models needs skops: pip install 'deepfeat[skops]' "
+            "(or use a .joblib file, which is a pickle: load only files you trust)."
+        ) from exc
+    return sio
 
 
 def load_model(path: str | os.PathLike) -> Pipeline:
     """Load a pipeline saved by :func:`save_model` or ``deepfeat classify``.
 
-    joblib files are pickles: load only files you trust.
+    ``.skops`` files (skops, scikit-learn's secure persistence) are safe to
+    take from others: only deepfeat's and scikit-learn's types (and the
+    NumPy/SciPy containers skops itself trusts) are rebuilt, and a file
+    holding any other type or function is refused, naming it.
+    ``.joblib`` files are pickles: load only files you trust.
 
     Parameters
     ----------
@@ -465,7 +490,18 @@ def load_model(path: str | os.PathLike) -> Pipeline:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No saved model at {path!r}; create one with `deepfeat classify TRAIN -o {path}`.")
-    obj = joblib.load(path)
+    if path.endswith(".skops"):
+        sio = _skops()
+        types = sio.get_untrusted_types(file=path)
+        refused = sorted(t for t in types if not t.startswith(TRUSTED_MODULES))
+        if refused:
+            raise ValueError(
+                f"The model file {path!r} holds types that are neither deepfeat's nor scikit-learn's: {refused}. "
+                "It was not loaded. If you trust its author, load it with skops.io.load(path, trusted=[...]) yourself."
+            )
+        obj = sio.load(path, trusted=types)
+    else:
+        obj = joblib.load(path)
     _check_image_pipeline(obj, path)
     return obj
 

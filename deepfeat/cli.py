@@ -477,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("train", help="folder of class sub-folders, or a CSV with path and label columns")
     p.add_argument("--test", default=None, help="held-out folder/CSV: report accuracy and a confusion matrix")
-    p.add_argument("-o", "--output", default="deepfeat_model.joblib", help="where to save the best pipeline")
+    p.add_argument("-o", "--output", default="deepfeat_model.joblib",
+                   help="where to save the best pipeline: .skops (safe to share, needs skops) or .joblib (a pickle)")
     p.add_argument("--heads", default=None, help="comma-separated subset of: logreg,linear_svm,rbf_svm,random_forest,knn")
     p.add_argument("--cv", type=int, default=5, help="stratified folds (lowered to the smallest class size)")
     p.add_argument("--scoring", default="accuracy", help="scikit-learn scorer: accuracy, balanced_accuracy, f1_macro...")
@@ -488,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("predict", help="apply a pipeline saved by classify to images")
-    p.add_argument("model", help="a .joblib file from deepfeat classify (a pickle: load only files you trust)")
+    p.add_argument("model", help="a .skops (safe to share) or .joblib file from deepfeat classify (.joblib is a pickle: load only files you trust)")
     p.add_argument("paths", nargs="+", help="image files, folders (searched recursively) or CSVs of paths")
     p.add_argument("-o", "--output", default=None, help="write path,prediction,probability,error to this CSV")
     p.add_argument("--providers", default=None, help="override the saved providers ('auto', 'cpu', 'cuda', ...)")

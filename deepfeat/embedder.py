@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import replace
+from dataclasses import fields, replace
 from functools import partial
 from numbers import Integral
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import joblib
@@ -25,7 +26,7 @@ from .engine import Layer, embed
 from .images import DEFAULT_MAX_PIXELS, network_input
 from .keys import KEY_MODES, feature_fingerprint
 from .pooling import POOLINGS, pooled_dim
-from .registry import DEFAULT_MODEL, ModelFileError, model_sha256
+from .registry import DEFAULT_MODEL, ModelFileError, ModelSpec, model_sha256
 from .resolve import layer_shapes, model_summary, resolve_model
 from .runtime import Runner, on_device, resolve_providers
 from .sessions import get_runner
@@ -376,6 +377,47 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
             prefix = re.sub(r"[^0-9A-Za-z]+", "_", label).strip("_")
             names += [f"{prefix}_{i:04d}" for i in range(dim)]
         return np.asarray(names, dtype=object)
+
+    def __getstate__(self) -> dict:
+        # plain values only: the spec as a dict, failures as records, so that skops (which
+        # rebuilds only types it is told to trust) can save a fitted embedder as well as pickle
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        if isinstance(state.get("spec_"), ModelSpec):
+            spec = state["spec_"]
+            state["spec_"] = {f.name: (dict(getattr(spec, f.name)) if f.name == "layers" else getattr(spec, f.name))
+                              for f in fields(spec)}
+        if isinstance(state.get("failures_"), pd.DataFrame):
+            state["failures_"] = [tuple(r) for r in state["failures_"].itertuples(index=False)]
+        for key in ("model_path_", "cache_dir_"):
+            if isinstance(state.get(key), Path):
+                state[key] = str(state[key])
+        if "_plan" in state:
+            state["_plan"] = [
+                {"label": la.label, "tensor": la.tensor, "pooling": la.pooling, "dim": la.dim,
+                 "fingerprint": la.fingerprint, "description": dict(la.description)}
+                for la in state["_plan"]
+            ]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        if isinstance(state.get("spec_"), dict):
+            spec = dict(state["spec_"])
+            spec["layers"] = MappingProxyType(dict(spec.get("layers") or {}))
+            for k in ("mean", "std"):
+                if k in spec:
+                    spec[k] = tuple(spec[k])
+            state["spec_"] = ModelSpec(**spec)
+        if isinstance(state.get("failures_"), list):
+            state["failures_"] = (pd.DataFrame(state["failures_"], columns=["position", "source", "reason"])
+                                  if state["failures_"] else _empty_failures())
+        for key in ("model_path_", "cache_dir_"):
+            if isinstance(state.get(key), str):
+                state[key] = Path(state[key])
+        if state.get("_plan") and isinstance(state["_plan"][0], dict):
+            state["_plan"] = [Layer(**la) for la in state["_plan"]]
+        super().__setstate__(state) if hasattr(super(), "__setstate__") else self.__dict__.update(state)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

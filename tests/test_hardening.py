@@ -182,7 +182,11 @@ def test_a_full_disk_fails_the_transform_clearly_and_leaves_no_claims(tmp_path, 
         if X is not None and stored.cache_stats_["hits"] == 16:
             assert np.array_equal(X, ImageEmbedder(**kw).fit().transform(items[:16]))
     finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
+        from deepfeat.cache import open_cache
+
+        open_cache(mnt / "c").clear()  # closes this process's connection to the files
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 # --------------------------------------------------------------- hostile model files
@@ -219,3 +223,56 @@ def test_an_unknown_operator_domain_is_refused_naming_the_file(tmp_path, sample_
     path = _tiny_variant(tmp_path, "custom.onnx", domain="com.example.secret")
     with pytest.raises(ModelFileError, match="model file .*custom.onnx.*com.example.secret:Relu"):
         ImageEmbedder(model=str(path), preprocessing=TINY_PREPROCESSING, progress=False).fit()
+
+
+# ------------------------------------------------------------- sharing models safely
+def test_classify_saves_skops_and_predict_reads_it(tmp_path, photo_folder, tiny_model_path, capsys):
+    pytest.importorskip("skops")
+    import json
+
+    from deepfeat.cli import main
+    from deepfeat.classify import load_model
+
+    root, df = photo_folder
+    out = tmp_path / "model.skops"
+    pre = json.dumps(TINY_PREPROCESSING)
+    assert main(["classify", str(root), "-o", str(out), "--model", str(tiny_model_path), "--heads", "logreg",
+                 "--cv", "2", "--no-progress"] + (["--preprocessing", pre] if "--preprocessing" in _help() else [])) == 0
+    pipe = load_model(out)
+    X = df["path"].tolist()
+    assert (pipe.predict(X) == load_model(out).predict(X)).all()
+    capsys.readouterr()
+    assert main(["predict", str(out), *X[:3], "--no-progress"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) >= 3
+
+
+def _help():
+    import contextlib
+    import io
+
+    from deepfeat.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
+        main(["classify", "--help"])
+    return buf.getvalue()
+
+
+def test_a_skops_file_with_an_untrusted_type_is_refused_naming_it(tmp_path, tiny_model_path, sample_photos):
+    sio = pytest.importorskip("skops.io")
+    import os
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    from deepfeat.classify import load_model
+
+    emb = ImageEmbedder(model=str(tiny_model_path), preprocessing=TINY_PREPROCESSING, progress=False).fit()
+    X = emb.transform(sample_photos)
+    evil = Pipeline([("embed", emb), ("run", FunctionTransformer(os.system)),
+                     ("clf", LogisticRegression().fit(X, [0, 1]))])
+    path = tmp_path / "evil.skops"
+    sio.dump(evil, path)
+    with pytest.raises(ValueError, match=r"neither deepfeat's nor scikit-learn's: \[.*system.*\]. It was not loaded"):
+        load_model(path)
