@@ -256,12 +256,23 @@ def compare_heads(
             f"X has NaN in {len(bad)} rows (first: {bad[:5].tolist()}), usually images that failed to "
             "decode with on_error='skip'. Drop them first: keep = ~np.isnan(X).any(axis=1)."
         )
-    splitter = stratified_cv(y, cv, random_state) if isinstance(cv, Integral) else cv
+    splitter = stratified_cv(y, int(cv), random_state) if isinstance(cv, Integral) else cv
+    smallest_fold = min(len(train) for train, _ in splitter.split(X, y))
     rows = []
     for name, (est, grid) in _check_heads(heads).items():
-        search = GridSearchCV(clone(est), grid, scoring=scoring, cv=splitter, n_jobs=n_jobs, refit=refit)
+        grid = _fit_grid(grid, smallest_fold)
+        search = GridSearchCV(clone(est), grid, scoring=scoring, cv=splitter, n_jobs=n_jobs, refit=refit,
+                              error_score="raise")
         t0 = time.perf_counter()
-        search.fit(X, y)
+        try:
+            search.fit(X, y)
+        except Exception as exc:  # one line in the leaderboard, never a page of tracebacks
+            reason = (str(exc).strip().splitlines() or [""])[-1][:160]
+            logger.warning("%s could not be fitted: %s: %s", name, type(exc).__name__, reason)
+            rows.append({"head": name, "mean_test_score": np.nan, "std_test_score": np.nan,
+                         "mean_fit_time": np.nan, "search_time": time.perf_counter() - t0,
+                         "params": {"failed": f"{type(exc).__name__}: {reason}"}, "estimator": None})
+            continue
         elapsed = time.perf_counter() - t0
         best = search.best_index_
         res = search.cv_results_
@@ -278,13 +289,26 @@ def compare_heads(
         )
         logger.info("%s: %s %.4f (%s) in %.1f s", name, scoring, rows[-1]["mean_test_score"], search.best_params_, elapsed)
     board = pd.DataFrame(rows)
-    # ties go to the steadier, then the cheaper head
+    # ties go to the steadier head, then by name: the order never depends on timing noise;
+    # heads that could not be fitted come last
     board = board.sort_values(
-        ["mean_test_score", "std_test_score", "mean_fit_time"], ascending=[False, True, True], kind="stable"
+        ["mean_test_score", "std_test_score", "head"], ascending=[False, True, True], kind="stable",
+        na_position="last",
     ).reset_index(drop=True)
     board.index = pd.RangeIndex(1, len(board) + 1, name="rank")
     board.attrs.update(scoring=scoring, n_splits=splitter.get_n_splits(X, y))
     return board
+
+
+def _fit_grid(grid: Mapping[str, Any], smallest_fold: int) -> dict:
+    """The grid with neighbour counts a training fold can hold (kNN needs k <= samples)."""
+    out = {}
+    for key, values in dict(grid).items():
+        if key.split("__")[-1] == "n_neighbors":
+            fitting = [v for v in values if v <= smallest_fold]
+            values = fitting or [max(1, smallest_fold)]
+        out[key] = list(values)
+    return out
 
 
 def format_leaderboard(board: pd.DataFrame) -> str:
@@ -315,8 +339,9 @@ def format_leaderboard(board: pd.DataFrame) -> str:
         {
             "rank": board.index,
             "head": board["head"].to_numpy(),
-            metric: [f"{m:.3f} ± {s:.3f}" for m, s in zip(board["mean_test_score"], board["std_test_score"])],
-            "fit time": [f"{t:.2f} s" for t in board["mean_fit_time"]],
+            metric: [f"{m:.3f} ± {s:.3f}" if m == m else "failed"
+                     for m, s in zip(board["mean_test_score"], board["std_test_score"])],
+            "fit time": [f"{t:.2f} s" if t == t else "-" for t in board["mean_fit_time"]],
             "best parameters": [_format_params(p) for p in board["params"]],
         }
     )

@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pandas as pd
+if TYPE_CHECKING:  # numpy, pandas and the library are imported by the commands that need them,
+    import pandas as pd  # so that `deepfeat --help` and `--version` answer at once
 
 logger = logging.getLogger("deepfeat.cli")
 
+#: output suffixes `deepfeat embed` writes
+_OUTPUT_SUFFIXES = (".parquet", ".csv")
+
 
 def _read_inputs(path: str, column: str) -> pd.DataFrame:
+    import numpy as np  # noqa: F401
+    import pandas as pd  # noqa: F401
+
     from .datasets import load_image_folder
 
     p = Path(path)
     if p.is_dir():
-        df = load_image_folder(p)
+        df = load_image_folder(p, allow_empty=True)
         if df.empty:
             raise SystemExit(f"deepfeat: no image files under {p}")
         return df
@@ -39,27 +47,50 @@ def _providers_arg(text: str):
     return "auto" if text == "auto" else [p.strip() for p in text.split(",") if p.strip()]
 
 
+def _layers_arg(text: str | None) -> list[str] | None:
+    """``--layers 'stage4, pooled'`` as a list, spaces stripped, as ``--providers`` is."""
+    if not text:
+        return None
+    return [t.strip() for t in text.split(",") if t.strip()] or None
+
+
+def _cache_arg(args) -> "bool | str | None":
+    """``--cache-dir DIR`` (absolute, so a saved model finds it from anywhere), ``--cache`` (the default folder)."""
+    if getattr(args, "no_cache", False):
+        return None
+    if getattr(args, "cache_dir", None):
+        return os.path.abspath(os.path.expanduser(args.cache_dir))
+    return True if getattr(args, "cache", False) else None
+
+
 def _embedder(args):
     from .embedder import ImageEmbedder
 
-    layers = args.layers.split(",") if args.layers else None
     return ImageEmbedder(
         model=args.model,
-        layers=layers,
+        layers=_layers_arg(args.layers),
         pooling=args.pooling,
         batch_size=args.batch_size,
         providers=_providers_arg(args.providers),
         on_error=args.on_error,
         progress=not args.no_progress,
-        cache=args.cache,
+        cache=_cache_arg(args),
         cache_key=args.cache_key,
     )
 
 
 def cmd_embed(args) -> int:
+    import numpy as np  # noqa: F401
+    import pandas as pd  # noqa: F401
+
     from .images import ImageDecodeError
 
+    out_path = Path(args.output)
+    if out_path.suffix.lower() not in _OUTPUT_SUFFIXES:
+        raise SystemExit(f"deepfeat: cannot write {out_path.suffix or 'a file without suffix'!r} files "
+                         f"({out_path}); use .parquet (with a record of the settings) or .csv")
     df = _read_inputs(args.path, args.path_column)
+    df["path"] = [os.path.abspath(p) for p in df["path"]]  # the same rows mean the same files from anywhere
     emb = _embedder(args)
     t0 = time.perf_counter()
     emb.fit(df["path"])
@@ -70,12 +101,11 @@ def cmd_embed(args) -> int:
     dt = time.perf_counter() - t0
     feats = pd.DataFrame(X, columns=emb.get_feature_names_out(), index=df.index)
     out = pd.concat([df.reset_index(drop=True), feats.reset_index(drop=True)], axis=1)
-    out_path = Path(args.output)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if out_path.suffix.lower() == ".csv":
         out.to_csv(out_path, index=False)
     else:
-        out.to_parquet(out_path, index=False)
+        _write_parquet(out, out_path, emb)
     failed = len(emb.failures_)
     print(
         f"embedded {len(df) - failed} of {len(df)} images -> {out_path} "
@@ -98,17 +128,52 @@ def cmd_embed(args) -> int:
     return 0
 
 
+def _write_parquet(out: "pd.DataFrame", path: Path, emb) -> None:
+    """Parquet whose schema metadata (key ``deepfeat``) records how the features were made."""
+    import datetime as dt
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from . import __version__
+
+    s = emb.spec_
+    record = {
+        "deepfeat_version": __version__,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": s.name,
+        "model_sha256": emb.model_sha256_,
+        "layers": [{"label": label, "tensor": tensor} for label, tensor in emb.layers_],
+        "pooling": emb.pooling,
+        "preprocessing": {"input_size": s.input_size, "resize_size": s.resize_size, "interpolation": s.interpolation,
+                          "mean": list(s.mean), "std": list(s.std), "channel_order": s.channel_order,
+                          "jpeg_draft": emb.jpeg_draft},
+        "paths": "absolute",
+    }
+    table = pa.Table.from_pandas(out, preserve_index=False)
+    meta = dict(table.schema.metadata or {})
+    meta[b"deepfeat"] = json.dumps(record).encode()
+    pq.write_table(table.replace_schema_metadata(meta), path)
+
+
 #: failed inputs printed on stderr; --failures FILE gets all of them
 _MAX_LISTED = 20
 
 
 def _write_failures(failures: pd.DataFrame, path: str) -> None:
+    import numpy as np  # noqa: F401
+    import pandas as pd  # noqa: F401
+
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     failures.to_csv(out, index=False)
 
 
 def _report_raise(exc, df: pd.DataFrame, args) -> int:
+    import numpy as np  # noqa: F401
+    import pandas as pd  # noqa: F401
+
     """--on-error raise met a bad input: say which and why, exit non-zero."""
     paths = [str(p) for p in df["path"]]
     where = f" (input {paths.index(exc.source) + 1} of {len(paths)})" if exc.source in paths else ""
@@ -126,6 +191,9 @@ def _report_raise(exc, df: pd.DataFrame, args) -> int:
 
 
 def cmd_layers(args) -> int:
+    import numpy as np  # noqa: F401
+    import pandas as pd  # noqa: F401
+
     from .resolve import list_layers
 
     df = list_layers(args.model, aliases_only=not args.all)
@@ -135,10 +203,18 @@ def cmd_layers(args) -> int:
 
 
 def cmd_models(args) -> int:
+    import numpy as np  # noqa: F401
+    import pandas as pd  # noqa: F401
+
     from .registry import list_models
 
-    with pd.option_context("display.max_colwidth", 60, "display.width", 200):
-        print(list_models().to_string(index=False))
+    df = list_models()
+    keep = [col for col in ("name", "input_size", "size_mb", "obtain", "offline", "license") if col in df.columns]
+    shown = df[keep].copy()
+    if "license" in shown:
+        shown["license"] = [str(v) if len(str(v)) <= 32 else str(v)[:31] + "…" for v in shown["license"]]
+    print(shown.to_string(index=False))
+    print("(deepfeat.list_models() has every column, descriptions included)")
     return 0
 
 
@@ -152,6 +228,9 @@ def cmd_sample_photos(args) -> int:
 
 
 def _labelled(path: str, args) -> pd.DataFrame:
+    import numpy as np  # noqa: F401
+    import pandas as pd  # noqa: F401
+
     df = _read_inputs(path, args.path_column)
     if "label" not in df.columns:
         raise SystemExit(f"deepfeat: {path} has no 'label' column; a CSV needs path and label columns")
@@ -162,8 +241,10 @@ def _labelled(path: str, args) -> pd.DataFrame:
     return df[~unlabelled].reset_index(drop=True)
 
 
-def _embed_rows(emb, df: pd.DataFrame, what: str) -> tuple[np.ndarray, np.ndarray]:
+def _embed_rows(emb, df: "pd.DataFrame", what: str) -> tuple[Any, Any]:
     """Embed df['path']; drop (and report) rows that failed under --on-error skip."""
+    import numpy as np
+
     X = emb.transform(df["path"])
     ok = ~np.isnan(X).any(axis=1)
     if not ok.all():
@@ -181,6 +262,9 @@ def _cache_note(emb) -> str:
 
 
 def cmd_classify(args) -> int:
+    import numpy as np  # noqa: F401
+    import pandas as pd  # noqa: F401
+
     from .classify import (
         compare_heads, confusion_table, default_heads, format_leaderboard, make_image_pipeline, save_model,
     )
@@ -211,6 +295,9 @@ def cmd_classify(args) -> int:
         Path(args.leaderboard).parent.mkdir(parents=True, exist_ok=True)
         out.to_csv(args.leaderboard)
     best = board.iloc[0]
+    if best["estimator"] is None:
+        raise SystemExit("deepfeat: no head could be fitted on these images (see the leaderboard); "
+                         "add images, or pick other heads with --heads")
     pipe = make_image_pipeline(emb, best["estimator"])
     save_model(pipe, args.output)
     print(f"\nbest head: {best['head']} -> {args.output} (apply it: deepfeat predict {args.output} PATHS)")
@@ -225,25 +312,38 @@ def cmd_classify(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    import numpy as np  # noqa: F401
+    import pandas as pd  # noqa: F401
+
     from .classify import load_model, predict_paths
     from .datasets import load_image_folder
 
     pipe = load_model(args.model)
     emb = pipe.steps[0][1]
-    overrides = {"progress": not args.no_progress}
+    overrides: dict[str, Any] = {"progress": not args.no_progress}
+    if args.no_cache or args.cache_dir:
+        overrides["cache"] = _cache_arg(args)
     if args.providers:
         # a loaded pipeline has no session yet (sessions are not pickled): it opens on these
         overrides["providers"] = _providers_arg(args.providers)
     emb.set_params(**overrides)
+    if "cache" in overrides:
+        emb.fit()  # the cache is part of what fit resolves
     paths: list[str] = []
+    labels: list = []
     for p in args.paths:
         q = Path(p)
         if q.is_dir():
-            paths += load_image_folder(q)["path"].tolist()
+            found = load_image_folder(q, allow_empty=True)
+            paths += found["path"].tolist()
+            labels += found["label"].tolist()
         elif q.suffix.lower() == ".csv":
-            paths += _read_inputs(p, args.path_column)["path"].tolist()
+            found = _read_inputs(p, args.path_column)
+            paths += found["path"].tolist()
+            labels += found["label"].tolist() if "label" in found.columns else [None] * len(found)
         else:
             paths.append(p)
+            labels.append(None)
     if not paths:
         raise SystemExit(f"deepfeat: no image files in {args.paths}")
     result = predict_paths(pipe, paths)
@@ -259,14 +359,27 @@ def cmd_predict(args) -> int:
     failed = result[result["error"].notna()]
     for row in failed.itertuples(index=False):
         print(f"deepfeat: could not read {row.path}: {row.error}", file=sys.stderr)
+    known = [i for i, lab in enumerate(labels) if lab is not None and pd.notna(lab) and result["error"].isna().iloc[i]]
+    if known:  # a labelled folder (or a CSV with labels): say how right the model is
+        from .classify import confusion_table
+
+        truth = np.asarray([labels[i] for i in known], dtype=object)
+        pred = result["prediction"].iloc[known].to_numpy(dtype=object)
+        hits = int((pred == truth).sum())
+        print(f"\naccuracy on {len(known)} labelled images: {hits / len(known):.4f} ({hits}/{len(known)})")
+        classes = sorted(set(truth) | set(pred))
+        print(confusion_table(truth.astype(str), pred.astype(str), labels=[str(k) for k in classes]).to_string())
     return 1 if len(failed) == len(result) else 0
 
 
 def cmd_select_layer(args) -> int:
+    import numpy as np  # noqa: F401
+    import pandas as pd  # noqa: F401
+
     from .selection import plot_layer_scores, select_layer
 
     df = _labelled(args.train, args)
-    layers = args.layers.split(",") if args.layers else None
+    layers = _layers_arg(args.layers)
     poolings = [p.strip() for p in args.pooling.split(",") if p.strip()]
     params = {
         "batch_size": args.batch_size,
@@ -277,7 +390,7 @@ def cmd_select_layer(args) -> int:
     }
     scores = select_layer(
         df["path"], df["label"], model=args.model, layers=layers, poolings=poolings, cv=args.cv,
-        cache=args.cache, scoring=args.scoring, random_state=args.seed, embedder_params=params,
+        cache=_cache_arg(args), scoring=args.scoring, random_state=args.seed, embedder_params=params,
     )
     a = scores.attrs
     print(
@@ -296,9 +409,16 @@ def cmd_select_layer(args) -> int:
     with pd.option_context("display.max_rows", None, "display.width", 200):
         print(table.to_string(index=False))
     best = scores.loc[scores["mean_test_score"].idxmax()]
+    keep = ""  # the user's own options, so the suggested command reads the same cache and model
+    if args.model != "efficientnet_lite0":
+        keep += f" --model {args.model}"
+    if args.cache_dir:
+        keep += f" --cache-dir {os.path.abspath(args.cache_dir)}"
+    elif args.cache:
+        keep += " --cache"
     pooling = "" if best["pooling"] == "vector" else f" --pooling {best['pooling']}"
     print(f"\nbest: {best['layer']} ({best['pooling']}), {best['mean_test_score']:.3f}; "
-          f"use it: deepfeat classify {args.train} --layers {best['layer']}{pooling}")
+          f"use it: deepfeat classify {args.train} --layers {best['layer']}{pooling}{keep}")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         scores.to_csv(args.output, index=False)
@@ -320,6 +440,9 @@ def _cache_dir(path: str | None) -> Path:
 
 
 def cmd_cache_info(args) -> int:
+    import numpy as np  # noqa: F401
+    import pandas as pd  # noqa: F401
+
     from .cache import FeatureCache
 
     info = FeatureCache(_cache_dir(args.path)).info(full=args.full)
@@ -333,9 +456,9 @@ def cmd_cache_info(args) -> int:
     )
     rows = [
         {
-            "fingerprint": f["fingerprint"][:12],
-            "model": Path(str(f["description"].get("model", "?"))).name,
-            "layers": ",".join(f["description"].get("layers", [])),
+            "fingerprint": f["fingerprint"][:10],
+            "model": Path(str(f["description"].get("model", "?"))).name[:24],
+            "layer": ",".join(f["description"].get("layers", []))[:20],
             "pooling": f["description"].get("pooling", "?"),
             "input": f["description"].get("input_size", "?"),
             "dim": f["dim"],
@@ -345,7 +468,7 @@ def cmd_cache_info(args) -> int:
         for f in info["fingerprints"]
     ]
     if rows:
-        with pd.option_context("display.width", 200, "display.max_colwidth", 40):
+        with pd.option_context("display.width", 100, "display.max_colwidth", 24):
             print(pd.DataFrame(rows).to_string(index=False))
     return 0
 
@@ -423,28 +546,62 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _add_cache_options(p, *, predict: bool = False) -> None:
+    # a flag and a separate DIR option: `--cache photos/` can never swallow the positional folder
+    if predict:
+        p.add_argument("--cache-dir", default=None, metavar="DIR",
+                       help="read and store features in DIR instead of the cache the model was saved with")
+        p.add_argument("--no-cache", action="store_true", help="use no feature cache")
+        return
+    p.add_argument("--cache", action="store_true",
+                   help="reuse features from the default cache ($DEEPFEAT_CACHE or ~/.cache/deepfeat/features)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR", help="reuse features from the cache in DIR")
+    p.add_argument(
+        "--cache-key", default="content", choices=["content", "stat"],
+        help="recognise files by a hash of their bytes, or (faster) by path, size and timestamps",
+    )
+
+
 def _add_embed_options(p):
     p.add_argument("--model", default="efficientnet_lite0", help="registered name or .onnx path")
     p.add_argument("--layers", default=None, help="comma-separated layer aliases or tensor names")
-    p.add_argument("--pooling", default="avg", choices=["avg", "max", "gem", "none"])
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--pooling", default="avg", choices=["avg", "max", "gem", "none"],
+                   help="how feature maps become vectors (none: flatten)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per ONNX Runtime call")
     p.add_argument("--providers", default="auto", help="'auto' or comma-separated providers (cpu, cuda, ...)")
-    p.add_argument("--on-error", default="raise", choices=["raise", "skip"])
+    p.add_argument("--on-error", default="raise", choices=["raise", "skip"],
+                   help="a bad image stops the run, or gets a NaN row and a failure report")
     p.add_argument("--path-column", default="path", help="column of image paths when PATH is a CSV")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument(
-        "--cache", nargs="?", const=True, default=None, metavar="DIR",
-        help="reuse features from an on-disk cache in DIR (no DIR: $DEEPFEAT_CACHE or ~/.cache/deepfeat/features)",
-    )
-    p.add_argument(
-        "--cache-key", default="content", choices=["content", "stat"],
-        help="recognise files by a hash of their bytes (default) or, faster, by path, size and timestamps",
-    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_cache_options(p)
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, but not the "None" of options that have no default."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class _Subparsers(argparse._SubParsersAction):
+    # every subcommand shows its defaults and takes -v after its name as well
+    def add_parser(self, name, **kw):
+        kw.setdefault("formatter_class", _Formatter)
+        p = super().add_parser(name, **kw)
+        p.add_argument("-v", "--verbose", dest="sub_verbose", action="count", default=0,
+                       help="more log output (-vv: tracebacks too)")
+        return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepfeat", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="count", default=0)
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="deepfeat", description=__doc__, formatter_class=_Formatter)
+    parser.register("action", "parsers", _Subparsers)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: tracebacks too)")
+    parser.add_argument("--version", action="version", version=f"deepfeat {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("embed", help="embed a folder of images (or a CSV of paths) to parquet/CSV")
@@ -458,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("layers", help="list the layers a model can be cut at")
-    p.add_argument("model", nargs="?", default="efficientnet_lite0")
+    p.add_argument("model", nargs="?", default="efficientnet_lite0", help="registered name or .onnx path")
     p.add_argument("--all", action="store_true", help="every candidate tensor, not just the aliases")
     p.set_defaults(func=cmd_layers)
 
@@ -466,8 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("sample-photos", help="write a labelled folder of crops of real photos (no download)")
-    p.add_argument("dest")
-    p.add_argument("--per-class", type=int, default=24)
+    p.add_argument("dest", help="folder to write <label>/<image>.jpg into")
+    p.add_argument("--per-class", type=int, default=24, help="crops per photo (class)")
     p.set_defaults(func=cmd_sample_photos)
 
     p = sub.add_parser(
@@ -494,7 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, help="write path,prediction,probability,error to this CSV")
     p.add_argument("--providers", default=None, help="override the saved providers ('auto', 'cpu', 'cuda', ...)")
     p.add_argument("--path-column", default="path", help="column of image paths in a CSV")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_cache_options(p, predict=True)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
@@ -535,12 +693,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    verbosity = args.verbose + getattr(args, "sub_verbose", 0)
     logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s"
+        level=logging.WARNING - 10 * min(verbosity, 2), format="%(levelname)s %(name)s: %(message)s"
     )
     try:
         return args.func(args)
     except (OSError, ImportError, ValueError, KeyError, RuntimeError) as exc:
+        if verbosity >= 2:
+            raise  # -vv: the whole traceback
         # an error a person can act on: print it without a traceback
         print(f"deepfeat: error: {exc}", file=sys.stderr)
         return 1

@@ -41,7 +41,9 @@ def _pillow_extensions() -> tuple[str, ...]:
 IMAGE_EXTENSIONS = _pillow_extensions()
 
 
-def load_image_folder(root: str | os.PathLike, *, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> pd.DataFrame:
+def load_image_folder(
+    root: str | os.PathLike, *, extensions: tuple[str, ...] = IMAGE_EXTENSIONS, allow_empty: bool = False
+) -> pd.DataFrame:
     """Index a folder of class sub-folders, like torchvision's ``ImageFolder``.
 
     Parameters
@@ -50,6 +52,9 @@ def load_image_folder(root: str | os.PathLike, *, extensions: tuple[str, ...] = 
         ``root/<label>/<image>``; files directly in ``root`` get no label.
     extensions : tuple of str
         File endings (case-insensitive) taken as images.
+    allow_empty : bool, default=False
+        Return an empty DataFrame for a folder without image files instead
+        of raising ``ValueError``.
 
     Returns
     -------
@@ -79,6 +84,12 @@ def load_image_folder(root: str | os.PathLike, *, extensions: tuple[str, ...] = 
             if name.startswith(".") or not name.lower().endswith(exts):
                 continue
             rows.append({"path": str(Path(dirpath) / name), "label": label})
+    if not rows and not allow_empty:
+        raise ValueError(
+            f"No image files under {root} (looked for {len(exts)} extensions Pillow can decode, such as "
+            ".jpg, .png, .webp, .avif). Expected root/<label>/<image files>; pass allow_empty=True to get "
+            "an empty DataFrame instead."
+        )
     df = pd.DataFrame(rows, columns=["path", "label"])
     return df.sort_values(["label", "path"], na_position="first", ignore_index=True)
 

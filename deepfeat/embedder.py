@@ -357,7 +357,8 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
             items, self._plan, decode=decode, network=self._network, store=store, scope=self._scope,
             key_mode=self.cache_key, batch_size=self.batch_size, on_error=self.on_error,
             decode_threads=self.n_jobs or _default_decode_threads(on_device(self.providers_)),
-            progress=self.progress,
+            # a caller running several passes (select_layer) names each bar
+            progress=(getattr(self, "_progress_label", None) or True) if self.progress else False,
         )
         if result.failures:
             logger.warning("%d of %d images failed and were given NaN rows", len(result.failures), len(items))
@@ -488,5 +489,9 @@ def _as_items(X) -> list:
             return list(X[:, 0])
         if X.ndim == 1:
             return list(X)
-        raise ValueError(f"Cannot read images from an array of shape {X.shape} and dtype {X.dtype}.")
+        raise ValueError(
+            f"Cannot read images from an array of shape {X.shape} and dtype {X.dtype}. ImageEmbedder takes "
+            "a list (or 1-D array, Series, one-column DataFrame) of paths, PIL images or uint8 (h, w[, c]) "
+            "arrays, or a uint8 (n, h, w, c) batch; features (a float matrix) go to the next pipeline step."
+        )
     return list(X)

@@ -99,7 +99,7 @@ def embed(
     batch_size: int = 16,
     on_error: str = "raise",
     decode_threads: int = 4,
-    progress: bool = False,
+    progress: "bool | str" = False,
     poll: float = 0.05,
 ) -> EmbedResult:
     """Embed ``items`` into one row each: from the store where it has them, else computed once and stored.
@@ -130,8 +130,9 @@ def embed(
         A bad input raises, or gives a NaN row listed in ``failures``.
     decode_threads : int
         Threads decoding (and hashing) while the network runs.
-    progress : bool
-        tqdm bar over the images computed (only on a terminal).
+    progress : bool or str
+        tqdm bar over the images computed (only on a terminal); a string
+        labels it.
     poll : float
         First wait, in seconds, when every image left is claimed by others.
 
@@ -437,9 +438,9 @@ def embed(
     return EmbedResult(X, failures, stats, providers)
 
 
-def _progress_bar(total: int, enabled: bool):
+def _progress_bar(total: int, enabled: "bool | str"):
     if not enabled or total == 0 or not sys.stderr.isatty():
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="img", desc="embedding")
+    return tqdm(total=total, unit="img", desc=enabled if isinstance(enabled, str) else "embedding")

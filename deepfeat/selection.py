@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from numbers import Integral
 from typing import Any, Sequence
@@ -193,8 +194,9 @@ def select_layer(
     keep = np.ones(len(items), dtype=bool)
     embed_time = 0.0
     order: dict[str, int] | None = None
-    for pooling in poolings:
+    for i, pooling in enumerate(poolings):
         emb = ImageEmbedder(model=model, layers=layers, pooling=pooling, cache=cache, **params)
+        emb._progress_label = f"embedding, pass {i + 1}/{len(poolings)} ({pooling} pooling)"
         t0 = time.perf_counter()
         X = emb.fit().transform(items)
         embed_time += time.perf_counter() - t0
@@ -219,6 +221,11 @@ def select_layer(
 
     # probe: the same folds for every (layer, pooling)
     rows = []
+    show = bool(params.get("progress", True)) and sys.stderr.isatty()
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(blocks), unit="probe", desc=f"probing {len(blocks)} (layer, pooling) pairs")
     for label, tensor, pooling, depth, cols in blocks:
         # hundreds of small fits: BLAS threads cost more in contention than they give
         with threadpool_limits(limits=1, user_api="blas"):
@@ -236,6 +243,10 @@ def select_layer(
             }
         )
         logger.info("%s/%s: %s %.4f", label, pooling, scoring, rows[-1]["mean_test_score"])
+        if show:
+            bar.update(1)
+    if show:
+        bar.close()
     df = pd.DataFrame(rows)
     pool_rank = {p: i for i, p in enumerate([VECTOR] + poolings)}
     df = df.sort_values(["depth", "pooling"], key=lambda s: s.map(pool_rank) if s.name == "pooling" else s,

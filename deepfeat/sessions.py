@@ -122,6 +122,9 @@ def get_runner(
                 f"ONNX Runtime cannot load the model file {path} cut at {list(tensors)} "
                 f"({type(exc).__name__}: {exc})."
             ) from exc
+        note = _oversubscription(threads)
+        if note:
+            logger.warning(note)
         with _LOCK:
             _BUILDS += 1
             logger.info("built ONNX Runtime session #%d for %s cut at %s on %s", _BUILDS, path, list(tensors),
@@ -131,6 +134,31 @@ def get_runner(
             while len(_POOL) > max(1, MAX_SESSIONS):
                 _POOL.popitem(last=False)
         return runner
+
+
+_WARNED_OVERSUBSCRIBED = False
+
+
+def _oversubscription(threads: int | None) -> str | None:
+    """A warning, once per process, when a worker process's session takes every core.
+
+    ONNX Runtime's default is one thread per core. In a worker of
+    ``GridSearchCV(n_jobs=k)``, joblib or Dask, k such sessions share the cores
+    and run slower together than one alone.
+    """
+    global _WARNED_OVERSUBSCRIBED
+    import multiprocessing
+
+    if threads is not None or _WARNED_OVERSUBSCRIBED or multiprocessing.parent_process() is None:
+        return None
+    _WARNED_OVERSUBSCRIBED = True
+    cores = os.cpu_count() or 1
+    return (
+        f"process {os.getpid()} is a worker of another process, and its ONNX Runtime session uses all {cores} "
+        "cores: with several workers the threads exceed the cores and every worker slows down. Set "
+        "ImageEmbedder(inference_threads=cores // workers), e.g. inference_threads=1 with n_jobs="
+        f"{cores}, or embed once before a parallel search."
+    )
 
 
 def _checked_path(path: Any, sha256: str, locate: Callable[[], Any] | None) -> str:

@@ -404,7 +404,7 @@ def test_cli_skip_exits_0_with_aligned_rows_and_a_report(tmp_path, tiny_model_pa
     args = ["embed", str(csv), "-o", str(out), "--model", str(tiny_model_path), "--no-progress",
             "--on-error", "skip", "--failures", str(fails)]
     if use_cache:
-        args += ["--cache", str(tmp_path / "cache")]
+        args += ["--cache-dir", str(tmp_path / "cache")]
     assert main(args) == 0
     err = capsys.readouterr().err
     n_bad = sum(c.reason is not None for c in cases)
@@ -430,7 +430,7 @@ def test_cli_raise_exits_nonzero_naming_the_file(tmp_path, tiny_model_path, caps
     out = tmp_path / "out.parquet"
     args = ["embed", str(csv), "-o", str(out), "--model", str(tiny_model_path), "--no-progress"]
     if use_cache:
-        args += ["--cache", str(tmp_path / "cache")]
+        args += ["--cache-dir", str(tmp_path / "cache")]
     assert main(args) == 1
     err = capsys.readouterr().err
     # the bad input met first (with a cache, inputs it cannot key are run first)
@@ -472,7 +472,7 @@ def test_killed_cli_embed_resumes_from_the_cache(tmp_path, tiny_model_path, caps
     n_good = 14
     cache = tmp_path / "cache"
     args = ["embed", str(root), "-o", str(tmp_path / "out.parquet"), "--model", str(tiny_model_path),
-            "--no-progress", "--batch-size", "2", "--on-error", "skip", "--cache", str(cache)]
+            "--no-progress", "--batch-size", "2", "--on-error", "skip", "--cache-dir", str(cache)]
 
     killed = subprocess.run([sys.executable, "-c", _KILL_AFTER, "3", *args], capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr

@@ -550,7 +550,7 @@ def test_two_cli_processes_on_one_cache(tmp_path, tiny_model_path, photos):
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "deepfeat", "embed", str(csv), "-o", str(tmp_path / f"out{i}.parquet"),
-             "--model", str(tiny_model_path), "--cache", str(cache_dir), "--batch-size", "4", "--no-progress"],
+             "--model", str(tiny_model_path), "--cache-dir", str(cache_dir), "--batch-size", "4", "--no-progress"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for i in range(2)
@@ -574,9 +574,9 @@ def test_cli_cache_info_and_clear(tmp_path, tiny_model_path, photos, capsys):
     pd.DataFrame({"path": photos[0][:5]}).to_csv(csv, index=False)
     cache_dir = tmp_path / "c"
     args = ["embed", str(csv), "-o", str(tmp_path / "o.parquet"), "--model", str(tiny_model_path), "--no-progress"]
-    assert main(args + ["--cache", str(cache_dir)]) == 0
+    assert main(args + ["--cache-dir", str(cache_dir)]) == 0
     assert "0 hits, 5 computed" in capsys.readouterr().out
-    assert main(args + ["--cache", str(cache_dir)]) == 0
+    assert main(args + ["--cache-dir", str(cache_dir)]) == 0
     assert "5 hits, 0 computed" in capsys.readouterr().out
     assert main(["cache", "info", str(cache_dir)]) == 0
     out = capsys.readouterr().out

@@ -25,6 +25,8 @@ from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.model_selection import GridSearchCV, StratifiedKFold  # noqa: E402
 
 from deepfeat import ImageEmbedder, load_image_folder  # noqa: E402
+
+pytestmark = pytest.mark.slow  # a local Dask cluster: about a minute on 2 cores
 from deepfeat.distributed import (  # noqa: E402
     clear_worker_embedders,
     embed_bag,

@@ -227,6 +227,7 @@ print(json.dumps(emb.cache_stats_))
 """
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_cold_cache_each_compute_a_share(tmp_path, tiny_model_path, hymenoptera):
     paths = sorted(str(p) for p in hymenoptera.glob("*/*/*.jpg"))[:160]
     script = tmp_path / "worker.py"

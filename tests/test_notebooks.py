@@ -28,6 +28,7 @@ def test_notebook_is_stored_without_outputs(path: Path):
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path: Path):
     if not SHARED_DATA.is_dir():
@@ -45,3 +46,8 @@ def test_notebook_runs(path: Path):
     client.execute()  # raises CellExecutionError naming the cell and the traceback
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
+
+
+def test_notebook_03_has_a_plot():
+    nb = nbformat.read(next(p for p in NOTEBOOKS if p.stem.startswith("03")), as_version=4)
+    assert any("plt.subplots" in c.source for c in nb.cells if c.cell_type == "code")
