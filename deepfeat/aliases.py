@@ -98,7 +98,9 @@ def derive_aliases(model: onnx.ModelProto, input_size: int = 224) -> dict[str, s
     dominators = _dominators(model, [t for t in order[: last + 1] if reduction(t) is not None])
     by_red: dict[int, list[str]] = {}
     for t in dominators:
-        by_red.setdefault(reduction(t), []).append(t)
+        r = reduction(t)
+        if r is not None:  # dominators were chosen among tensors with a reduction
+            by_red.setdefault(r, []).append(t)
     for k in range(1, 6):
         r = 2**k
         cands = by_red.get(r)

@@ -303,7 +303,7 @@ class FeatureCache:
 
     def __setstate__(self, state: dict) -> None:
         directory = state.pop("directory")
-        self.__init__(directory, **state)
+        FeatureCache.__init__(self, directory, **state)
 
     # ------------------------------------------------------------ connection
     def _con(self) -> sqlite3.Connection:
@@ -469,7 +469,7 @@ class FeatureCache:
                     (fingerprint, int(dim), desc, time.time()),
                 )
                 # not memoised: the transaction may still roll back
-                return int(cur.lastrowid), int(dim)
+                return int(cur.lastrowid or 0), int(dim)
             fp, stored = int(row[0]), int(row[1])
             memos[fingerprint] = (fp, stored)
         if dim is not None and stored != int(dim):

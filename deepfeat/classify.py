@@ -256,7 +256,7 @@ def compare_heads(
             f"X has NaN in {len(bad)} rows (first: {bad[:5].tolist()}), usually images that failed to "
             "decode with on_error='skip'. Drop them first: keep = ~np.isnan(X).any(axis=1)."
         )
-    splitter = stratified_cv(y, int(cv), random_state) if isinstance(cv, Integral) else cv
+    splitter: Any = stratified_cv(y, int(cv), random_state) if isinstance(cv, Integral) else cv
     smallest_fold = min(len(train) for train, _ in splitter.split(X, y))
     rows = []
     for name, (est, grid) in _check_heads(heads).items():
@@ -426,7 +426,7 @@ def confusion_table(y_true, y_pred, labels: Sequence | None = None) -> pd.DataFr
     {'ant': {'ant': 1, 'bee': 0}, 'bee': {'ant': 1, 'bee': 1}}
     """
     if labels is None:
-        labels = np.unique(np.concatenate([np.asarray(y_true), np.asarray(y_pred)]))
+        labels = list(np.unique(np.concatenate([np.asarray(y_true), np.asarray(y_pred)])))
     cm = confusion_matrix(y_true, y_pred, labels=labels)
     return pd.DataFrame(
         cm, index=pd.Index(labels, name="true"), columns=pd.Index(labels, name="predicted")

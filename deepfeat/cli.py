@@ -436,7 +436,8 @@ def cmd_select_layer(args) -> int:
 def _cache_dir(path: str | None) -> Path:
     from .cache import default_cache_dir, resolve_cache_dir
 
-    return resolve_cache_dir(path) if path else default_cache_dir()
+    found = resolve_cache_dir(path) if path else None
+    return found if found is not None else default_cache_dir()
 
 
 def cmd_cache_info(args) -> int:

@@ -293,7 +293,7 @@ def embed_bag(
     shipped = _shippable(embedder)
     n_features = worker_embedder(shipped).n_features_out_
     if lengths is True:
-        sizes = [int(n) for n in paths.map_partitions(_count).compute()]
+        sizes: list[float] = [int(n) for n in paths.map_partitions(_count).compute()]
     elif lengths is False or lengths is None:
         sizes = [np.nan] * paths.npartitions
     else:

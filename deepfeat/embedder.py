@@ -314,7 +314,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
                 "(fit resolves them into the layers and the cache keys)."
             )
 
-    def _network(self, tensors: tuple[str, ...]) -> Runner:
+    def _network(self, tensors: tuple[str, ...]) -> Any:  # a Runner: what engine.embed calls `network`
         """The shared session of the fitted model cut at ``tensors`` (built on first use)."""
         return get_runner(
             self.model_path_, self.model_sha256_, tensors, self.providers,

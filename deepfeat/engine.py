@@ -199,11 +199,11 @@ def embed(
     stats["misses"] = int(weight[~complete].sum())
     stats["uncacheable"] = len(loose) if store.persistent else 0
 
-    def copy_dups(units: Sequence[int], need: np.ndarray) -> None:
+    def copy_dups(units: "Sequence[int] | np.ndarray", need: np.ndarray) -> None:
         for u in units:
             extra = dups.get(int(u))
             if extra:
-                for j in np.flatnonzero(need):
+                for j in np.flatnonzero(need).tolist():
                     X[extra, cols[j]] = X[upos[u], cols[j]]
 
     copy_dups(np.flatnonzero(complete), np.ones(n_layers, dtype=bool))
@@ -290,7 +290,7 @@ def embed(
             ok_rows.append(pos)
             ok_idx.append(offset)
             arrays.append(res)
-        need = np.flatnonzero(task.need)
+        need = np.flatnonzero(task.need).tolist()  # plain ints: they index `layers`
         outs = None
         if arrays:
             tensors = tuple(dict.fromkeys(layers[j].tensor for j in need))
@@ -349,7 +349,7 @@ def embed(
                     batches.append(StoreBatch(layers[j].fingerprint, [ukeys[u] for u in us], X[upos[us], cols[j]],
                                               layers[j].description))
             store.put(batches, owner=owner, scope=scope, release=[ukeys[u] for u in units])
-            missing[ok_units[:, None], need[None, :]] = False
+            missing[ok_units[:, None], np.asarray(need, dtype=np.intp)[None, :]] = False
         if bar is not None:
             bar.update(len(task.positions))
 

@@ -332,7 +332,7 @@ def module_taps(model, input_size: int = 224) -> dict[str, tuple[str, str]]:
     by_red: dict[int, list[tuple[str, tuple]]] = {}
     for name, _, out in once:
         r = _reduction(input_size, out) if out is not None else None
-        if r is not None:
+        if r is not None and out is not None:
             by_red.setdefault(r, []).append((name, out))
 
     def shallowest(items):

@@ -258,7 +258,7 @@ def resolve_layers(
         raise LayerError("At least one layer is needed; got an empty list.")
     summary = model if isinstance(model, GraphSummary) else GraphSummary.of(model)
     produced = summary.produced
-    resolved = []
+    resolved: list[tuple[str, str]] = []
     for layer in requested:
         if layer in aliases:
             tensor = aliases[layer]

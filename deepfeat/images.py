@@ -132,7 +132,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         lab_to_srgb = ImageCms.buildTransform(
             ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB"
         )
-        return ImageCms.applyTransform(img, lab_to_srgb)
+        converted = ImageCms.applyTransform(img, lab_to_srgb)
+        if converted is None:  # only with inPlace=True
+            raise ValueError("LittleCMS returned no image")
+        return converted
     if mode == "P" and "transparency" not in img.info:
         return img.convert("RGB")
     if mode in ("P", "PA", "RGBA", "RGBa", "LA", "La"):
@@ -368,8 +371,14 @@ def _decode(img: Image.Image, name: str, max_pixels: int | None) -> Image.Image:
         # a file image not yet decoded: watch its reads (rule 4)
         # read through whatever `fp` is current when Pillow reads: plugins such as AVIF swap
         # `fp` for a buffer of decoded pixels inside load(), after this point
-        watch = _ReadWatch(getattr(img, "load_read", None) or (lambda size=-1: img.fp.read(size)))
-        img.load_read = watch
+        file_img: ImageFile.ImageFile = img
+
+        def current_read(size: int = -1) -> bytes:
+            fp = file_img.fp
+            return fp.read(size) if fp is not None else b""
+
+        watch = _ReadWatch(getattr(img, "load_read", None) or current_read)
+        setattr(img, "load_read", watch)  # Pillow's hook for plugins that read their own way
     try:
         img.load()
     except Exception as exc:  # OSError, SyntaxError, ValueError, MemoryError, ...

@@ -443,7 +443,7 @@ def _write_atomically(proto, dst: Path) -> None:
     os.replace(part, dst)
 
 
-def _record(proto, spec: ModelSpec, layers: dict, path: Path, description: str, **settings: dict) -> None:
+def _record(proto, spec: ModelSpec, layers: dict, path: Path, description: str, **settings: Any) -> None:
     """Store the source's preprocessing and aliases where ``resolve_model`` reads them."""
     record = {
         "input_size": int(spec.input_size),

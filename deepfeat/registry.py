@@ -173,7 +173,7 @@ def _zoo_spec(
         description=f"{description} (downloaded on first use)",
     )
     spec.update(fields)
-    return ModelSpec(**spec)
+    return ModelSpec(**spec)  # type: ignore[arg-type]  # a dict of the fields, checked by the dataclass
 
 
 _REGISTRY: dict[str, ModelSpec] = {

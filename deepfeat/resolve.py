@@ -98,7 +98,7 @@ def resolve_model(model: str | os.PathLike, **overrides) -> tuple[Path, ModelSpe
     st = path.stat()
     defaults.update(_recorded_defaults(str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
     defaults.update(overrides)
-    return path, registry.ModelSpec(**defaults)
+    return path, registry.ModelSpec(**defaults)  # type: ignore[arg-type]  # fields checked by the dataclass
 
 
 def check_preprocessing(preprocessing: Mapping | None) -> dict:
@@ -139,7 +139,8 @@ def check_preprocessing(preprocessing: Mapping | None) -> dict:
             )
         ok = True
         if key in ("input_size", "resize_size"):
-            ok = isinstance(value, Integral) and not isinstance(value, bool) and value >= (8 if key == "input_size" else 1)
+            ok = isinstance(value, Integral) and not isinstance(value, bool) and int(value) >= (
+                8 if key == "input_size" else 1)
             value = int(value) if ok else value
         elif key in ("mean", "std"):
             try:

@@ -217,7 +217,7 @@ def select_layer(
     if n_dropped:
         logger.warning("%d of %d images failed to embed and are left out of the probe", n_dropped, len(items))
     y_ok = y[keep]
-    splitter = stratified_cv(y_ok, cv, random_state) if isinstance(cv, Integral) else cv
+    splitter: Any = stratified_cv(y_ok, int(cv), random_state) if isinstance(cv, Integral) else cv
 
     # probe: the same folds for every (layer, pooling)
     rows = []
