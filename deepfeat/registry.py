@@ -330,10 +330,8 @@ def file_sha256(path: str | os.PathLike) -> str:
     ...     file_sha256(f.name)[:12]
     'e3b0c44298fc'
     """
-    st = os.stat(path)
-    stamp = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    with _SHA_LOCK:
-        digest = _SHA_MEMO.get(stamp)
+    st, stamp = _stamp(path)
+    digest = _memo_get(_SHA_MEMO, stamp)
     if digest is not None:
         return digest
     h = hashlib.sha256()
@@ -392,10 +390,8 @@ def _with_external(path: str | os.PathLike, digest: str, data: bytes | None = No
 
 
 def _external_locations(path: str | os.PathLike, data: bytes | None = None) -> tuple[str, ...]:
-    st = os.stat(path)
-    stamp = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    with _SHA_LOCK:
-        known = _EXT_MEMO.get(stamp)
+    _, stamp = _stamp(path)
+    known = _memo_get(_EXT_MEMO, stamp)
     if known is not None:
         return known
     if data is None:
@@ -448,6 +444,17 @@ def verified_bytes(path: str | os.PathLike, sha256: str) -> bytes:
 
 _SHA_MEMO: dict[tuple, str] = {}
 _SHA_LOCK = threading.Lock()
+
+
+def _stamp(path: str | os.PathLike) -> tuple[os.stat_result, tuple]:
+    # what identifies a version of a file: an edit or a replacement changes one of these
+    st = os.stat(path)
+    return st, (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _memo_get(memo: dict, stamp: tuple) -> Any:
+    with _SHA_LOCK:
+        return memo.get(stamp)
 
 
 class ModelFileError(RuntimeError):
