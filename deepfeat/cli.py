@@ -144,8 +144,10 @@ def _write_parquet(out: "pd.DataFrame", path: Path, emb) -> None:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "model": s.name,
         "model_sha256": emb.model_sha256_,
-        "layers": [{"label": label, "tensor": tensor} for label, tensor in emb.layers_],
+        "layers": [{"label": label, "tensor": tensor, "pooling": pooling}
+                   for (label, tensor), pooling in zip(emb.layers_, emb.poolings_)],
         "pooling": emb.pooling,
+        "tta": emb.tta,
         "preprocessing": {"input_size": s.input_size, "resize_size": s.resize_size, "interpolation": s.interpolation,
                           "mean": list(s.mean), "std": list(s.std), "channel_order": s.channel_order,
                           "jpeg_draft": emb.jpeg_draft},

@@ -47,10 +47,13 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
     model : str or path-like, default="efficientnet_lite0"
         A registered model name (see :func:`deepfeat.list_models`) or a path to
         an ``.onnx`` file with an NCHW float input.
-    layers : str, list of str or None, default=None
+    layers : str, list or None, default=None
         Layer aliases (``"stage4"``, ``"features"``, ``"pooled"``, ...) or
         tensor names (see :func:`deepfeat.list_layers`). Several layers are
-        pooled separately and concatenated. ``None`` uses the model's default
+        pooled separately and concatenated, all from one network pass. An
+        entry may be a ``(layer, pooling)`` pair to pool that layer its own
+        way (its columns are then named ``<layer>_<pooling>_0000``...), e.g.
+        ``[("stage5", "gem"), "pooled"]``. ``None`` uses the model's default
         (the pooled penultimate vector for registered models).
     pooling : {"avg", "max", "gem", "none"}, default="avg"
         How feature maps become vectors; ``"none"`` flattens them. Vector
@@ -103,6 +106,11 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         How a file is recognised: by a hash of its bytes, or (faster, for slow
         disks) by its path, size and timestamps, which trusts the file system
         to update them on every edit. In-memory PIL images are never cached.
+    tta : {None, "flip"}, default=None
+        Test-time augmentation: ``"flip"`` embeds each image and its
+        horizontal mirror in the same batch and returns the mean of the two
+        vectors (twice the network time). Cached under its own key, apart
+        from plain vectors.
     inference_threads : int or None, default=None
         Threads of the ONNX Runtime session (its intra-op pool); ``None``
         lets ONNX Runtime use one per physical core. Set it when several
@@ -117,6 +125,8 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         The ``.onnx`` file used.
     layers_ : list of (str, str)
         ``(label, tensor name)`` of each requested layer.
+    poolings_ : list of str
+        The pooling of each layer (``pooling``, or the one its pair names).
     n_features_out_ : int
         Length of the output vectors.
     providers_ : list of str
@@ -174,6 +184,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         "cache": ["boolean", str, os.PathLike, None],
         "cache_key": [StrOptions(set(KEY_MODES))],
         "inference_threads": [Interval(Integral, 1, None, closed="left"), None],
+        "tta": [StrOptions({"flip"}), None],
     }
 
     def __init__(
@@ -194,6 +205,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         cache: bool | str | os.PathLike | None = None,
         cache_key: str = "content",
         inference_threads: int | None = None,
+        tta: str | None = None,
     ):
         self.model = model
         self.layers = layers
@@ -211,6 +223,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         self.cache = cache
         self.cache_key = cache_key
         self.inference_threads = inference_threads
+        self.tta = tta
 
     # ------------------------------------------------------------------ fit
     def fit(self, X=None, y=None):
@@ -236,9 +249,9 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         layers = spec.default_layer if self.layers is None else self.layers
         summary = model_summary(str(path), sha)
         _check_input(summary.input_shape, spec.input_size, path)
-        self.layers_ = graph.resolve_layers(summary, layers, spec.layers)
+        self.layers_, self.poolings_ = _resolve_layer_poolings(summary, layers, spec.layers, self.pooling)
         tensors = tuple(t for _, t in self.layers_)
-        shapes = layer_shapes(str(path), sha, tensors, spec.input_size, self.pooling == "none")
+        shapes = layer_shapes(str(path), sha, tensors, spec.input_size, "none" in self.poolings_)
         for (label, tensor), shape in zip(self.layers_, shapes):
             if len(shape) not in (2, 4):
                 raise graph.LayerError(
@@ -251,7 +264,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         self.model_path_ = Path(path)
         self.model_sha256_ = sha
         self.output_shapes_ = [tuple(s[1:]) for s in shapes]
-        self.output_dims_ = [pooled_dim(s, self.pooling) for s in shapes]
+        self.output_dims_ = [pooled_dim(s, p) for s, p in zip(shapes, self.poolings_)]
         self.n_features_out_ = int(sum(self.output_dims_))
         self._build_plan()
         self.failures_ = _empty_failures()
@@ -265,10 +278,12 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
     def _build_plan(self) -> None:
         """The engine's view of the fitted state: claims scope, and one Layer per output block."""
         self._scope = feature_fingerprint(self._pass_parts())
+        poolings = getattr(self, "poolings_", None) or [self.pooling] * len(self.layers_)  # pickles of 0.1.0
         self._plan = [
-            Layer(label, tensor, self.pooling, dim, feature_fingerprint(self._layer_parts(tensor, shape, dim)),
-                  self._layer_description(label, tensor))
-            for (label, tensor), shape, dim in zip(self.layers_, self.output_shapes_, self.output_dims_)
+            Layer(label, tensor, pooling, dim, feature_fingerprint(self._layer_parts(tensor, shape, dim, pooling)),
+                  self._layer_description(label, tensor, pooling))
+            for (label, tensor), shape, dim, pooling in zip(self.layers_, self.output_shapes_, self.output_dims_,
+                                                             poolings)
         ]
         self.cache_fingerprint_ = feature_fingerprint({"layers": [layer.fingerprint for layer in self._plan]})
 
@@ -285,22 +300,23 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
             "std": [float(v) for v in s.std],
             "channel_order": s.channel_order,
             "jpeg_draft": bool(self.jpeg_draft),
+            "tta": self.tta,
         }
 
-    def _layer_parts(self, tensor: str, shape: tuple, dim: int) -> dict:
+    def _layer_parts(self, tensor: str, shape: tuple, dim: int, pooling: str) -> dict:
         """Everything that changes one layer's vector; its hash keys the layer's vectors in the cache."""
         # pooling does nothing to a (n, d) vector: one stored copy serves every pooling
-        pooling = "vector" if len(shape) == 1 else self.pooling  # shape without the batch axis
+        pooling = "vector" if len(shape) == 1 else pooling  # shape without the batch axis
         return {**self._pass_parts(), "tensor": tensor, "pooling": pooling, "dim": int(dim)}
 
-    def _layer_description(self, label: str, tensor: str) -> dict:
+    def _layer_description(self, label: str, tensor: str, pooling: str) -> dict:
         s = self.spec_
-        return {"model": s.name, "layers": [label], "tensor": tensor, "pooling": self.pooling,
+        return {"model": s.name, "layers": [label], "tensor": tensor, "pooling": pooling,
                 "input_size": s.input_size, "model_sha256": self.model_sha256_}
 
     def _vector_params(self) -> dict:
         """The parameters that ``fit`` resolved into the layers or the cache keys."""
-        keys = ("model", "layers", "pooling", "image_size", "preprocessing", "jpeg_draft", "cache", "cache_key")
+        keys = ("model", "layers", "pooling", "image_size", "preprocessing", "jpeg_draft", "cache", "cache_key", "tta")
         # hashed, not copied: a numpy mean/std compares without "truth value of an array is ambiguous"
         return {k: joblib.hash(getattr(self, k)) for k in keys}
 
@@ -359,6 +375,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
             decode_threads=self.n_jobs or _default_decode_threads(on_device(self.providers_)),
             # a caller running several passes (select_layer) names each bar
             progress=(getattr(self, "_progress_label", None) or True) if self.progress else False,
+            tta=getattr(self, "tta", None),
         )
         if result.failures:
             logger.warning("%d of %d images failed and were given NaN rows", len(result.failures), len(items))
@@ -426,6 +443,41 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         tags.input_tags.string = True
         tags.requires_fit = True
         return tags
+
+
+def _resolve_layer_poolings(summary, layers, aliases, default_pooling: str) -> tuple[list, list]:
+    """``layers`` -> ``[(label, tensor)]`` and one pooling each.
+
+    An entry is a layer name (pooled with ``pooling``) or a ``(layer, pooling)`` pair,
+    labelled ``<layer>_<pooling>``; one tensor may come twice under two poolings.
+    """
+    entries = [layers] if isinstance(layers, str) else list(layers)
+    if not entries:
+        raise graph.LayerError("At least one layer is needed; got an empty list.")
+    resolved, poolings, seen = [], [], {}
+    for entry in entries:
+        if isinstance(entry, str):
+            name, pooling, label = entry, default_pooling, entry
+        elif (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)
+              and entry[1] in POOLINGS):
+            name, pooling = entry
+            label = f"{name}_{pooling}"
+        else:
+            raise ValueError(
+                f"The 'layers' parameter of ImageEmbedder takes layer names or (layer, pooling) pairs with a "
+                f"pooling among {list(POOLINGS)}; got {entry!r}."
+            )
+        ((_, tensor),) = graph.resolve_layers(summary, [name], aliases)
+        twin = seen.get((tensor, pooling))
+        if twin is not None:
+            raise graph.LayerError(
+                f"Layers {twin!r} and {name!r} are the same tensor {tensor!r} with the same pooling "
+                f"{pooling!r}; ask for it once."
+            )
+        seen[(tensor, pooling)] = name
+        resolved.append((label, tensor))
+        poolings.append(pooling)
+    return resolved, poolings
 
 
 def _check_input(shape: tuple, size: int, path) -> None:

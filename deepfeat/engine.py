@@ -87,6 +87,19 @@ class _Task:
 _WAIT = object()  # the claim loop has nothing now: others hold what is left
 
 
+class _Mirrored:
+    """Runs a batch and its horizontal mirror in one call; each output comes back as (n, 2, ...)."""
+
+    def __init__(self, runner: _Runner):
+        self.runner = runner
+        self.providers = runner.providers
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        n = len(batch)
+        both = np.concatenate([batch, np.ascontiguousarray(batch[..., ::-1])])
+        return [np.stack([o[:n], o[n:]], axis=1) for o in self.runner.run(both)]
+
+
 def embed(
     items: Sequence[Any],
     layers: Sequence[Layer],
@@ -101,6 +114,7 @@ def embed(
     decode_threads: int = 4,
     progress: "bool | str" = False,
     poll: float = 0.05,
+    tta: str | None = None,
 ) -> EmbedResult:
     """Embed ``items`` into one row each: from the store where it has them, else computed once and stored.
 
@@ -135,6 +149,10 @@ def embed(
         labels it.
     poll : float
         First wait, in seconds, when every image left is claimed by others.
+    tta : {None, "flip"}
+        Test-time augmentation: ``"flip"`` runs each image and its mirror in
+        the same batch and returns the mean of their pooled vectors. Give the
+        layers their own fingerprints for it: the vectors differ.
 
     Returns
     -------
@@ -295,7 +313,7 @@ def embed(
         if arrays:
             tensors = tuple(dict.fromkeys(layers[j].tensor for j in need))
             runner = network(tensors)
-            outs, ran, errors = run_split(runner, np.stack(arrays))
+            outs, ran, errors = run_split(_Mirrored(runner) if tta == "flip" else runner, np.stack(arrays))
             providers = list(runner.providers)
             for i, exc in errors.items():
                 pos = ok_rows[i]
@@ -316,7 +334,11 @@ def embed(
             outputs = dict(zip(tensors, outs))
             rows = np.asarray(ok_rows, dtype=np.intp)
             for j in need:
-                vecs = pool(outputs[layers[j].tensor], layers[j].pooling)
+                out = outputs[layers[j].tensor]
+                if tta == "flip":  # (n, 2, ...): the image and its mirror, pooled, then averaged
+                    vecs = (pool(out[:, 0], layers[j].pooling) + pool(out[:, 1], layers[j].pooling)) / 2
+                else:
+                    vecs = pool(out, layers[j].pooling)
                 if vecs.shape[1] != layers[j].dim:
                     raise ValueError(
                         f"Layer {layers[j].label!r} (tensor {layers[j].tensor!r}) gave {vecs.shape[1]} features "

@@ -1,0 +1,68 @@
+"""Recipes beyond the default: per-layer pooling in one pass, flip test-time augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from deepfeat import ImageEmbedder
+from deepfeat.cache import FeatureCache
+
+from .conftest import TINY_PREPROCESSING
+
+
+@pytest.fixture
+def kw(tiny_model_path):
+    return dict(model=str(tiny_model_path), preprocessing=TINY_PREPROCESSING, progress=False)
+
+
+def test_per_layer_pooling_equals_separate_embedders_in_one_pass(kw, sample_photos, monkeypatch):
+    asked: list = []
+    network = ImageEmbedder._network
+
+    def recording(self, tensors):
+        asked.append(tensors)
+        return network(self, tensors)
+
+    monkeypatch.setattr(ImageEmbedder, "_network", recording)
+    emb = ImageEmbedder(**kw, layers=[("stage2", "gem"), ("stage2", "max"), "pooled"]).fit()
+    X = emb.transform(sample_photos)
+    assert asked == [("conv2", "pooled")]  # one pass, each tensor once
+    gem = ImageEmbedder(**kw, layers="stage2", pooling="gem").fit().transform(sample_photos)
+    mx = ImageEmbedder(**kw, layers="stage2", pooling="max").fit().transform(sample_photos)
+    pooled = ImageEmbedder(**kw, layers="pooled").fit().transform(sample_photos)
+    assert np.array_equal(X, np.hstack([gem, mx, pooled]))
+    names = emb.get_feature_names_out()
+    assert names[0] == "stage2_gem_0000" and names[8] == "stage2_max_0000" and names[-1] == "pooled_0007"
+    assert emb.poolings_ == ["gem", "max", "avg"]
+
+
+def test_per_layer_pooling_mistakes_name_the_parameter(kw):
+    with pytest.raises(ValueError, match=r"'layers' parameter .* \(layer, pooling\) pairs .*got \('stage2', 'mean'\)"):
+        ImageEmbedder(**kw, layers=[("stage2", "mean")]).fit()
+    with pytest.raises(ValueError, match="same tensor 'conv2' with the same pooling 'gem'"):
+        ImageEmbedder(**kw, layers=[("stage2", "gem"), ("conv2", "gem")]).fit()
+
+
+def test_per_layer_pooling_shares_the_cache_with_plain_embedders(kw, sample_photos, tmp_path):
+    ImageEmbedder(**kw, layers="stage2", pooling="gem", cache=tmp_path).fit().transform(sample_photos)
+    emb = ImageEmbedder(**kw, layers=[("stage2", "gem"), "pooled"], cache=tmp_path).fit()
+    emb.transform(sample_photos)
+    fps = {f["description"]["layers"][0]: f for f in FeatureCache(tmp_path).info()["fingerprints"]}
+    assert fps["stage2"]["computed"] == 2 and fps["pooled"]["computed"] == 2  # stage2/gem was read back
+
+
+def test_flip_tta_is_mirror_invariant_and_cached_apart(kw, sample_photos, tmp_path):
+    photo = sample_photos[0][:200, :200]
+    symmetric = np.concatenate([photo[:, :100], photo[:, :100][:, ::-1]], axis=1)
+    plain = ImageEmbedder(**kw, cache=tmp_path).fit()
+    tta = ImageEmbedder(**kw, cache=tmp_path, tta="flip").fit()
+    a = tta.transform([photo, photo[:, ::-1].copy(), symmetric])
+    np.testing.assert_allclose(a[0], a[1], rtol=1e-5, atol=1e-6)  # an image and its mirror: one vector
+    np.testing.assert_allclose(a[2], plain.transform([symmetric])[0], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(a[0], plain.transform([photo])[0])  # TTA changes an asymmetric image's vector
+    assert tta.cache_fingerprint_ != plain.cache_fingerprint_
+    again = ImageEmbedder(**kw, cache=tmp_path, tta="flip").fit()
+    assert np.array_equal(again.transform([photo]), a[:1]) and again.cache_stats_["hits"] == 1
+    with pytest.raises(ValueError, match="'tta' parameter"):
+        ImageEmbedder(**kw, tta="rotate").fit()
