@@ -47,11 +47,25 @@ def _providers_arg(text: str):
     return "auto" if text == "auto" else [p.strip() for p in text.split(",") if p.strip()]
 
 
-def _layers_arg(text: str | None) -> list[str] | None:
-    """``--layers 'stage4, pooled'`` as a list, spaces stripped, as ``--providers`` is."""
+def _layers_arg(text: str | None) -> "list | None":
+    """``--layers 'stage4, pooled'`` as a list, spaces stripped, as ``--providers`` is;
+    ``stage5@gem`` is the pair ``("stage5", "gem")``: that layer with its own pooling."""
+    from .pooling import POOLINGS
+
     if not text:
         return None
-    return [t.strip() for t in text.split(",") if t.strip()] or None
+    out: list = []
+    for part in (t.strip() for t in text.split(",")):
+        if not part:
+            continue
+        name, _, pooling = part.rpartition("@")
+        out.append((name.strip(), pooling.strip()) if name and pooling.strip() in POOLINGS else part)
+    return out or None
+
+
+def _layers_text(picks) -> str:
+    """(layer, pooling) picks as ``--layers`` takes them."""
+    return ",".join(layer if pooling == "vector" else f"{layer}@{pooling}" for layer, pooling in picks)
 
 
 def _cache_arg(args) -> "bool | str | None":
@@ -421,6 +435,14 @@ def cmd_select_layer(args) -> int:
     pooling = "" if best["pooling"] == "vector" else f" --pooling {best['pooling']}"
     print(f"\nbest: {best['layer']} ({best['pooling']}), {best['mean_test_score']:.3f}; "
           f"use it: deepfeat classify {args.train} --layers {best['layer']}{pooling}{keep}")
+    if a.get("duplicates"):
+        print("scored once (same vectors): " + ", ".join(f"{k} = {v}" for k, v in a["duplicates"].items()))
+    combo = a.get("combination") or []
+    if len(combo) > 1:
+        last = combo[-1]
+        print(f"best combination: {' + '.join(f'{l}/{p}' for l, p in last['picks'])}, "
+              f"{last['mean_test_score']:.3f} ± {last['std_test_score']:.3f}; use it: deepfeat classify "
+              f"{args.train} --layers {_layers_text(last['picks'])}{keep}")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         scores.to_csv(args.output, index=False)
@@ -567,7 +589,8 @@ def _add_cache_options(p, *, predict: bool = False) -> None:
 
 def _add_embed_options(p):
     p.add_argument("--model", default="efficientnet_lite0", help="registered name or .onnx path")
-    p.add_argument("--layers", default=None, help="comma-separated layer aliases or tensor names")
+    p.add_argument("--layers", default=None,
+                   help="comma-separated layer aliases or tensor names; layer@pooling gives one its own pooling")
     p.add_argument("--pooling", default="avg", choices=["avg", "max", "gem", "none"],
                    help="how feature maps become vectors (none: flatten)")
     p.add_argument("--batch-size", type=int, default=32, help="images per ONNX Runtime call")

@@ -93,6 +93,7 @@ def select_layer(
     random_state: int | None = 0,
     n_jobs: int | None = None,
     embedder_params: dict | None = None,
+    max_combination: int = 3,
 ) -> pd.DataFrame:
     """Score every candidate layer and pooling with a fast linear probe under CV.
 
@@ -133,19 +134,27 @@ def select_layer(
         ``providers``, ``image_size``, ``preprocessing``, ``on_error``,
         ``progress``...). Images that fail under ``on_error="skip"`` are
         dropped from the probe (and counted in ``df.attrs["n_dropped"]``).
+    max_combination : int, default=3
+        Then search, greedily, for up to this many (layer, pooling) picks
+        whose concatenated features the same probe scores best under the same
+        folds (``df.attrs["combination"]``: one dict per step, ``picks``,
+        ``mean_test_score``, ``std_test_score``). 1 skips it.
 
     Returns
     -------
     pandas.DataFrame
         One row per (layer, pooling) in network order, with columns ``layer``,
         ``tensor``, ``pooling``, ``depth`` (position of the layer in the
-        graph, 0 = first), ``n_features``, ``mean_test_score``,
+        graph, 0 = first), ``stride`` (input side over map side; empty for
+        vectors), ``n_features``, ``mean_test_score``,
         ``std_test_score``, ``mean_fit_time`` and ``rank_test_score``
-        (1 = best; ties share a rank). ``df.attrs`` holds ``model``,
-        ``layers`` and ``poolings`` (as embedded: an
-        ``ImageEmbedder(layers=df.attrs["layers"], pooling=p, cache=cache)``
-        reads the same vectors back from the cache), ``scoring``,
-        ``n_splits``, ``n_images``, ``n_dropped`` and ``embed_time``.
+        (1 = best; ties share a rank). All pairs come out of one network pass;
+        a pair whose vectors equal an earlier one's (``features`` averaged
+        is ``pooled``) is scored once, and named in ``df.attrs["duplicates"]``.
+        ``df.attrs`` also holds ``model``, ``layers`` and ``poolings`` (an
+        ``ImageEmbedder(layers=[(layer, pooling), ...], cache=cache)`` reads
+        the same vectors back from the cache), ``scoring``, ``n_splits``,
+        ``n_images``, ``n_dropped``, ``embed_time`` and ``combination``.
 
     See Also
     --------
@@ -189,75 +198,136 @@ def select_layer(
     layers = list(dict.fromkeys(layers))  # repeated names would be scored twice
     probe = default_probe() if probe is None else probe
 
-    # embed: one network pass per pooling gives every layer
+    # embed: every (layer, pooling) pair comes out of one network pass
+    t0 = time.perf_counter()
+    plain = ImageEmbedder(model=model, layers=layers, cache=cache, **params).fit()  # shapes only: no session
+    pairs: list[tuple[str, str, str, bool]] = []  # (layer, tensor, pooling, is_vector)
+    for name, (_, tensor), shape in zip(layers, plain.layers_, plain.output_shapes_):
+        # a (c, 1, 1) map, like "pooled" here, is a vector in all but shape: pooling does not touch it
+        is_vector = len(shape) == 1 or (len(shape) == 3 and shape[1] == shape[2] == 1)
+        for pooling in poolings[:1] if is_vector else poolings:
+            pairs.append((name, tensor, pooling, is_vector))
+    emb = ImageEmbedder(model=model, layers=[(n, p) for n, _, p, _ in pairs], pooling=poolings[0], cache=cache,
+                        **params).fit()
+    emb._progress_label = f"embedding {len(layers)} layers x {len(poolings)} poolings, one pass"
+    X = emb.transform(items)
+    embed_time = time.perf_counter() - t0
+    keep = ~np.isnan(X).any(axis=1)
+    nodes = load_onnx(emb.model_path_).graph.node
+    order = {out: i for i, node in enumerate(nodes) for out in node.output}
+    strides = _strides(emb)
     blocks: list[tuple[str, str, str, int, np.ndarray]] = []
-    keep = np.ones(len(items), dtype=bool)
-    embed_time = 0.0
-    order: dict[str, int] | None = None
-    for i, pooling in enumerate(poolings):
-        emb = ImageEmbedder(model=model, layers=layers, pooling=pooling, cache=cache, **params)
-        emb._progress_label = f"embedding, pass {i + 1}/{len(poolings)} ({pooling} pooling)"
-        t0 = time.perf_counter()
-        X = emb.fit().transform(items)
-        embed_time += time.perf_counter() - t0
-        keep &= ~np.isnan(X).any(axis=1)
-        if order is None:
-            nodes = load_onnx(emb.model_path_).graph.node
-            order = {out: i for i, node in enumerate(nodes) for out in node.output}
-        start = 0
-        for (label, tensor), shape, dim in zip(emb.layers_, emb.output_shapes_, emb.output_dims_):
-            cols = X[:, start:start + dim]
-            start += dim
-            # a (c, 1, 1) map, like "pooled" here, is a vector in all but shape
-            is_vector = len(shape) == 1 or (len(shape) == 3 and shape[1] == shape[2] == 1)
-            if is_vector and pooling != poolings[0]:
-                continue  # pooling does not touch a vector: score it once
-            blocks.append((label, tensor, VECTOR if is_vector else pooling, order.get(tensor, -1), cols))
+    starts = np.cumsum([0] + emb.output_dims_)
+    for (name, tensor, pooling, is_vector), start, dim in zip(pairs, starts, emb.output_dims_):
+        blocks.append((name, tensor, VECTOR if is_vector else pooling, order.get(tensor, -1), X[:, start:start + dim]))
+    blocks, duplicates = _drop_duplicates(blocks, keep)
     n_dropped = int((~keep).sum())
     if n_dropped:
         logger.warning("%d of %d images failed to embed and are left out of the probe", n_dropped, len(items))
     y_ok = y[keep]
     splitter: Any = stratified_cv(y_ok, int(cv), random_state) if isinstance(cv, Integral) else cv
 
+    def score(cols: np.ndarray) -> dict:
+        # hundreds of small fits: BLAS threads cost more in contention than they give
+        with threadpool_limits(limits=1, user_api="blas"):
+            res = cross_validate(clone(probe), cols[keep], y_ok, cv=splitter, scoring=scoring, n_jobs=n_jobs)
+        return {"mean_test_score": float(np.mean(res["test_score"])), "std_test_score": float(np.std(res["test_score"])),
+                "mean_fit_time": float(np.mean(res["fit_time"]))}
+
     # probe: the same folds for every (layer, pooling)
     rows = []
     show = bool(params.get("progress", True)) and sys.stderr.isatty()
+    bar = None
     if show:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(blocks), unit="probe", desc=f"probing {len(blocks)} (layer, pooling) pairs")
     for label, tensor, pooling, depth, cols in blocks:
-        # hundreds of small fits: BLAS threads cost more in contention than they give
-        with threadpool_limits(limits=1, user_api="blas"):
-            res = cross_validate(clone(probe), cols[keep], y_ok, cv=splitter, scoring=scoring, n_jobs=n_jobs)
-        rows.append(
-            {
-                "layer": label,
-                "tensor": tensor,
-                "pooling": pooling,
-                "depth": depth,
-                "n_features": cols.shape[1],
-                "mean_test_score": float(np.mean(res["test_score"])),
-                "std_test_score": float(np.std(res["test_score"])),
-                "mean_fit_time": float(np.mean(res["fit_time"])),
-            }
-        )
+        rows.append({"layer": label, "tensor": tensor, "pooling": pooling, "depth": depth,
+                     "stride": strides.get(tensor), "n_features": cols.shape[1], **score(cols)})
         logger.info("%s/%s: %s %.4f", label, pooling, scoring, rows[-1]["mean_test_score"])
-        if show:
+        if bar is not None:
             bar.update(1)
-    if show:
+    if bar is not None:
         bar.close()
     df = pd.DataFrame(rows)
+    df["stride"] = df["stride"].astype("Int64")
     pool_rank = {p: i for i, p in enumerate([VECTOR] + poolings)}
     df = df.sort_values(["depth", "pooling"], key=lambda s: s.map(pool_rank) if s.name == "pooling" else s,
                         kind="stable").reset_index(drop=True)
     df["rank_test_score"] = df["mean_test_score"].rank(ascending=False, method="min").astype(int)
+    combination = _greedy_combination(df, blocks, score, max_combination) if max_combination > 1 else None
     df.attrs.update(
         model=os.fspath(model), layers=layers, poolings=poolings, scoring=scoring,
         n_splits=splitter.get_n_splits(np.empty((len(y_ok), 1)), y_ok),
-        n_images=int(keep.sum()), n_dropped=n_dropped, embed_time=embed_time,
+        n_images=int(keep.sum()), n_dropped=n_dropped, embed_time=embed_time, duplicates=duplicates,
+        combination=combination,
     )
     return df
+
+
+def _strides(emb: ImageEmbedder) -> dict[str, int]:
+    """Tensor -> stride (input side / map side) of the fitted embedder's maps."""
+    from .resolve import layer_shapes
+
+    tensors = tuple(dict.fromkeys(t for _, t in emb.layers_))
+    size = emb.spec_.input_size
+    shapes = layer_shapes(str(emb.model_path_), emb.model_sha256_, tensors, size, True)
+    return {t: size // s[2] for t, s in zip(tensors, shapes) if len(s) == 4 and s[2] and s[2] > 1}
+
+
+def _drop_duplicates(blocks: list, keep: np.ndarray) -> tuple[list, dict[str, str]]:
+    """Blocks whose vectors equal an earlier block's (``features`` averaged is ``pooled``) are scored once.
+
+    The vector layer is kept over a pooled map; the dropped one is named in the returned dict.
+    """
+    kept: list = []
+    dropped: dict[str, str] = {}
+    for block in blocks:
+        label, _, pooling, _, cols = block
+        twin = next((i for i, k in enumerate(kept) if k[4].shape == cols.shape
+                     and np.allclose(k[4][keep], cols[keep], rtol=1e-4, atol=1e-5)), None)
+        if twin is None:
+            kept.append(block)
+            continue
+        other = kept[twin]
+        if pooling == VECTOR and other[2] != VECTOR:  # keep the plain vector, drop the pooled map
+            kept[twin] = block
+            other, block = block, other
+        dropped[f"{block[0]}/{block[2]}"] = f"{other[0]}/{other[2]}"
+        logger.info("%s/%s gives the same vectors as %s/%s: scored once", block[0], block[2], other[0], other[2])
+    return kept, dropped
+
+
+def _greedy_combination(df: pd.DataFrame, blocks: list, score, max_picks: int, shortlist: int = 8) -> list[dict]:
+    """Forward selection of up to ``max_picks`` (layer, pooling) blocks, concatenated, with the same probe and folds.
+
+    Starts from the best single block and adds, from the best ``shortlist`` singles, the one that raises the
+    CV score most; stops when nothing raises it.
+    """
+    by_key = {(b[0], b[2]): b[4] for b in blocks}
+    ranked = df.sort_values(["mean_test_score", "std_test_score", "depth"], ascending=[False, True, True])
+    candidates = [(r.layer, r.pooling) for r in ranked.head(shortlist).itertuples()]
+    best = ranked.iloc[0]
+    picks = [candidates[0]]
+    steps = [{"picks": list(picks), "mean_test_score": float(best["mean_test_score"]),
+              "std_test_score": float(best["std_test_score"])}]
+    while len(picks) < max_picks:
+        trials = []
+        for cand in candidates:
+            if cand in picks:
+                continue
+            res = score(np.hstack([by_key[p] for p in picks + [cand]]))
+            trials.append((res["mean_test_score"], -res["std_test_score"], cand, res))
+        if not trials:
+            break
+        top = max(trials, key=lambda t: (t[0], t[1]))
+        if top[0] <= steps[-1]["mean_test_score"]:
+            break
+        picks.append(top[2])
+        steps.append({"picks": list(picks), "mean_test_score": top[3]["mean_test_score"],
+                      "std_test_score": top[3]["std_test_score"]})
+    return steps  # plain dicts: pandas compares attrs when it concatenates frames
 
 
 def plot_layer_scores(df: pd.DataFrame, ax=None):

@@ -29,14 +29,20 @@ def tiny_scores(tiny_model_path, photo_folder):
 def test_select_layer_table(tiny_scores, photo_folder):
     _, df = photo_folder
     s = tiny_scores
-    # every alias of the tiny model, in graph order; vector layers once (pooling cannot change them)
+    # every alias of the tiny model, in graph order; vector layers once (pooling cannot change them), and
+    # stage2 averaged is exactly `pooled` (a GlobalAveragePool of it): scored once, as the vector
     assert list(zip(s["layer"], s["pooling"])) == [
-        ("stage1", "avg"), ("stage1", "max"), ("stage2", "avg"), ("stage2", "max"),
-        ("pooled", "vector"), ("logits", "vector"),
+        ("stage1", "avg"), ("stage1", "max"), ("stage2", "max"), ("pooled", "vector"), ("logits", "vector"),
     ]
+    assert s.attrs["duplicates"] == {"stage2/avg": "pooled/vector"}
     assert s["depth"].is_monotonic_increasing
-    assert s["n_features"].tolist() == [4, 4, 8, 8, 8, 3]
+    assert s["n_features"].tolist() == [4, 4, 8, 8, 3]
+    assert s["stride"].tolist()[:3] == [2, 2, 4] and s["stride"].isna().tolist()[3:] == [True, True]
     assert s["tensor"].tolist()[:2] == ["conv1", "conv1"]
+    combo = s.attrs["combination"]  # greedy: each step adds a pick and raises the score
+    scores = [step["mean_test_score"] for step in combo]
+    assert scores == sorted(scores) and len(set(scores)) == len(scores) and len(combo[-1]["picks"]) <= 3
+    assert tuple(combo[0]["picks"][0]) in set(zip(s["layer"], s["pooling"]))
     assert s["mean_test_score"].between(0, 1).all() and (s["std_test_score"] >= 0).all()
     best = s["mean_test_score"].max()
     assert s.loc[s["rank_test_score"] == 1, "mean_test_score"].eq(best).all()
@@ -63,11 +69,11 @@ def test_select_layer_uses_the_cache(tiny_model_path, photo_folder, tmp_path):
               cache=tmp_path / "cache", embedder_params=PARAMS)
     first = select_layer(df["path"], df["label"], **kw)
     info = FeatureCache(tmp_path / "cache").info()
-    # one fingerprint per layer and pooling, every image stored once under each
-    assert len(info["fingerprints"]) == 4 and info["vectors"] == 4 * len(df)
+    # one fingerprint per layer and pooling (the (8, 1, 1) `pooled` map once), every image stored once under each
+    assert len(info["fingerprints"]) == 3 and info["vectors"] == 3 * len(df)
     assert all(f["computed"] == len(df) for f in info["fingerprints"])
     again = select_layer(df["path"], df["label"], **kw)
-    assert FeatureCache(tmp_path / "cache").info()["vectors"] == 4 * len(df)
+    assert FeatureCache(tmp_path / "cache").info()["vectors"] == 3 * len(df)
     pd.testing.assert_frame_equal(first.drop(columns="mean_fit_time"), again.drop(columns="mean_fit_time"))
     # the winner, embedded on its own afterwards (what `classify --layers X` does), is read back, not computed
     emb = ImageEmbedder(model=str(tiny_model_path), layers="stage2", pooling="gem", cache=tmp_path / "cache",
@@ -137,8 +143,8 @@ def test_select_layer_command(tiny_model_path, photo_folder, tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     scores = pd.read_csv(out_csv)
-    assert list(zip(scores["layer"], scores["pooling"])) == [
-        ("conv1", "avg"), ("conv1", "max"), ("conv2", "avg"), ("conv2", "max"), ("pooled", "vector"),
+    assert list(zip(scores["layer"], scores["pooling"])) == [  # conv2 averaged is pooled: scored once
+        ("conv1", "avg"), ("conv1", "max"), ("conv2", "max"), ("pooled", "vector"),
     ]
     best = scores.loc[scores["mean_test_score"].idxmax()]
     assert f"best: {best['layer']} ({best['pooling']})" in text
