@@ -294,7 +294,11 @@ def cmd_classify(args) -> int:
         heads = {h: heads[h] for h in wanted}
     train = _labelled(args.train, args)
     test = _labelled(args.test, args) if args.test else None
+    t_auto = time.perf_counter()
+    recipe = _auto_layers(train, args) if args.auto else None
     emb = _embedder(args)
+    if recipe is not None:
+        emb.set_params(layers=recipe)
     t0 = time.perf_counter()
     emb.fit()
     X, y = _embed_rows(emb, train, "training")
@@ -303,7 +307,21 @@ def cmd_classify(args) -> int:
         f"{len(y)} training images, {len(set(y))} classes, {X.shape[1]} features from "
         f"{','.join(l for l, _ in emb.layers_)} (embedded in {t_embed:.1f} s on {emb.providers_[0]}{_cache_note(emb)})"
     )
-    board = compare_heads(X, y, heads, cv=args.cv, scoring=args.scoring, n_jobs=args.n_jobs, random_state=args.seed)
+    board = compare_heads(X, y, heads, cv=args.cv, scoring=args.scoring, n_jobs=args.n_jobs, random_state=args.seed,
+                          progress=not args.no_progress)
+    if recipe is not None:
+        # the probe is noisy on a few hundred images: keep the recipe only if the heads, under the
+        # same folds and on the training images alone, do at least as well as on the default layer
+        plain = _embedder(args).fit()
+        Xd, yd = _embed_rows(plain, train, "training")
+        default_board = compare_heads(Xd, yd, heads, cv=args.cv, scoring=args.scoring, n_jobs=args.n_jobs,
+                                      random_state=args.seed, progress=not args.no_progress)
+        ours, theirs = board["mean_test_score"].iloc[0], default_board["mean_test_score"].iloc[0]
+        keep = ours > theirs
+        print(f"--auto: best head CV {ours:.3f} on the recipe, {theirs:.3f} on the default layer "
+              f"({','.join(l for l, _ in plain.layers_)}): keeping the {'recipe' if keep else 'default'}")
+        if not keep:
+            emb, X, y, board = plain, Xd, yd, default_board
     print(f"\n{board.attrs['n_splits']}-fold stratified CV, {args.scoring} (mean ± std over folds), best first:")
     print(format_leaderboard(board))
     if args.leaderboard:
@@ -324,7 +342,28 @@ def cmd_classify(args) -> int:
         print(f"\ntest: {len(yt)} images, accuracy {acc:.4f} ({int((pred == yt).sum())}/{len(yt)}){_cache_note(emb)}")
         labels = sorted(set(y) | set(yt))
         print(confusion_table(yt, pred, labels=labels).to_string())
+    if recipe is not None:
+        print(f"\n--auto took {time.perf_counter() - t_auto:.1f} s in all (layer choice, heads, test)")
     return 0
+
+
+def _auto_layers(train: "pd.DataFrame", args) -> list:
+    """``classify --auto``: up to three (layer, pooling) picks, chosen by a probe on the training images only."""
+    from .selection import select_recipe
+
+    if args.layers:
+        raise SystemExit("deepfeat: --auto chooses the layers itself; leave out --layers")
+    params = {"batch_size": args.batch_size, "providers": _providers_arg(args.providers),
+              "on_error": args.on_error, "progress": not args.no_progress, "cache_key": args.cache_key}
+    t = time.perf_counter()
+    layers, scores = select_recipe(train["path"], train["label"], model=args.model, max_layers=3, cv=args.cv,
+                                   cache=_cache_arg(args), random_state=args.seed, embedder_params=params)
+    step = scores.attrs["combination"][-1] if scores.attrs.get("combination") else None
+    shown = _layers_text([(x, "vector") if isinstance(x, str) else x for x in layers])
+    probe = f", probe CV {step['mean_test_score']:.3f}" if step else ""
+    print(f"--auto: {len(scores)} (layer, pooling) pairs probed in {time.perf_counter() - t:.1f} s on the "
+          f"training images; recipe --layers {shown}{probe}")
+    return layers
 
 
 def cmd_predict(args) -> int:
@@ -668,6 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-jobs", type=int, default=None, help="parallel fits per grid search (-1: all cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of the CV shuffle and the random forest")
     p.add_argument("--leaderboard", default=None, metavar="CSV", help="also write the leaderboard to this CSV")
+    p.add_argument("--auto", action="store_true",
+                   help="first choose up to three (layer, pooling) with a linear probe on TRAIN alone "
+                        "(deepfeat select-layer), then search the heads on them")
     _add_embed_options(p)
     p.set_defaults(func=cmd_classify)
 

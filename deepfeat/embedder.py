@@ -454,7 +454,9 @@ def _resolve_layer_poolings(summary, layers, aliases, default_pooling: str) -> t
     entries = [layers] if isinstance(layers, str) else list(layers)
     if not entries:
         raise graph.LayerError("At least one layer is needed; got an empty list.")
-    resolved, poolings, seen = [], [], {}
+    resolved: list[tuple[str, str]] = []
+    poolings: list[str] = []
+    seen: dict[tuple[str, str], str] = {}
     for entry in entries:
         if isinstance(entry, str):
             name, pooling, label = entry, default_pooling, entry

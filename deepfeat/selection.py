@@ -34,7 +34,7 @@ from .pooling import POOLINGS
 from .registry import DEFAULT_MODEL
 from .resolve import resolve_model
 
-__all__ = ["select_layer", "plot_layer_scores", "default_probe"]
+__all__ = ["select_layer", "select_recipe", "plot_layer_scores", "default_probe"]
 
 logger = logging.getLogger(__name__)
 
@@ -207,8 +207,8 @@ def select_layer(
         is_vector = len(shape) == 1 or (len(shape) == 3 and shape[1] == shape[2] == 1)
         for pooling in poolings[:1] if is_vector else poolings:
             pairs.append((name, tensor, pooling, is_vector))
-    emb = ImageEmbedder(model=model, layers=[(n, p) for n, _, p, _ in pairs], pooling=poolings[0], cache=cache,
-                        **params).fit()
+    by_pair: list = [(n, p) for n, _, p, _ in pairs]
+    emb = ImageEmbedder(model=model, layers=by_pair, pooling=poolings[0], cache=cache, **params).fit()
     emb._progress_label = f"embedding {len(layers)} layers x {len(poolings)} poolings, one pass"
     X = emb.transform(items)
     embed_time = time.perf_counter() - t0
@@ -264,6 +264,55 @@ def select_layer(
         combination=combination,
     )
     return df
+
+
+def select_recipe(paths: Sequence, y, model: str | os.PathLike = DEFAULT_MODEL, *, max_layers: int = 3,
+                  **kwargs: Any) -> tuple[list, pd.DataFrame]:
+    """The layers (with their poolings) a linear probe picks on the training images alone.
+
+    :func:`select_layer` over every alias and pooling, then its greedy
+    combination of up to ``max_layers`` picks. Pass the result to
+    ``ImageEmbedder(layers=...)``: vector layers come as names, feature maps
+    as ``(layer, pooling)`` pairs. ``deepfeat classify --auto`` runs this,
+    then searches the heads on those features with the same folds.
+
+    Parameters
+    ----------
+    paths, y, model
+        As :func:`select_layer`.
+    max_layers : int, default=3
+        Most (layer, pooling) picks to combine.
+    **kwargs
+        Further :func:`select_layer` arguments (``poolings``, ``cv``,
+        ``cache``, ``random_state``, ``embedder_params``, ...).
+
+    Returns
+    -------
+    layers : list
+        For ``ImageEmbedder(layers=layers)``.
+    scores : pandas.DataFrame
+        The :func:`select_layer` table (``attrs["combination"]`` holds the steps).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from deepfeat import make_sample_photos
+    >>> from deepfeat.selection import select_recipe
+    >>> photos = make_sample_photos(tempfile.mkdtemp(), per_class=4, size=64)
+    >>> layers, _ = select_recipe(photos["path"], photos["label"], layers=["stage3", "pooled"],
+    ...                           poolings=["avg", "gem"], cv=2, embedder_params={"progress": False})
+    >>> 1 <= len(layers) <= 3
+    True
+    """
+    scores = select_layer(paths, y, model, max_combination=max_layers, **kwargs)
+    combo = scores.attrs.get("combination")
+    if combo:
+        picks = combo[-1]["picks"]
+    else:
+        best = scores.loc[scores["mean_test_score"].idxmax()]
+        picks = [(best["layer"], best["pooling"])]
+    layers = [name if pooling == VECTOR else (name, pooling) for name, pooling in picks]
+    return layers, scores
 
 
 def _strides(emb: ImageEmbedder) -> dict[str, int]:

@@ -66,3 +66,33 @@ def test_flip_tta_is_mirror_invariant_and_cached_apart(kw, sample_photos, tmp_pa
     assert np.array_equal(again.transform([photo]), a[:1]) and again.cache_stats_["hits"] == 1
     with pytest.raises(ValueError, match="'tta' parameter"):
         ImageEmbedder(**kw, tta="rotate").fit()
+
+
+def test_select_recipe_gives_layers_an_embedder_takes(photo_folder, tiny_model_path):
+    from deepfeat.selection import select_recipe
+
+    _, df = photo_folder
+    layers, scores = select_recipe(df["path"], df["label"], model=str(tiny_model_path), poolings=["avg", "max"],
+                                   cv=2, embedder_params={"preprocessing": TINY_PREPROCESSING, "progress": False})
+    assert 1 <= len(layers) <= 3 and len(scores.attrs["combination"]) == len(layers)
+    emb = ImageEmbedder(model=str(tiny_model_path), preprocessing=TINY_PREPROCESSING, progress=False,
+                        layers=layers).fit()
+    assert emb.transform(df["path"][:2]).shape[1] == emb.n_features_out_
+
+
+def test_classify_auto_end_to_end(tmp_path, photo_folder, capsys):
+    from deepfeat.classify import load_model
+    from deepfeat.cli import main
+
+    root, df = photo_folder
+    out = tmp_path / "m.joblib"
+    assert main(["classify", str(root), "--test", str(root), "--auto", "--cv", "2", "--no-progress",
+                 "--cache-dir", str(tmp_path / "c"), "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "--auto:" in text and "recipe --layers" in text and "keeping the" in text
+    assert "search" in text.splitlines()[[i for i, l in enumerate(text.splitlines()) if "rank" in l][0]]
+    assert "test: 36 images, accuracy" in text and "--auto took" in text
+    pipe = load_model(out)
+    assert (pipe.predict(df["path"][:4]) == pipe.predict(df["path"][:4])).all()
+    with pytest.raises(SystemExit, match="--auto chooses the layers itself"):
+        main(["classify", str(root), "--auto", "--layers", "pooled", "-o", str(out)])
