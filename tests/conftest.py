@@ -76,3 +76,19 @@ def hymenoptera() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real photo set not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def network_calls(monkeypatch) -> list:
+    """The tensors each ImageEmbedder asks its session for, one entry per network call."""
+    from deepfeat import ImageEmbedder
+
+    asked: list = []
+    network = ImageEmbedder._network
+
+    def recording(self, tensors):
+        asked.append(tensors)
+        return network(self, tensors)
+
+    monkeypatch.setattr(ImageEmbedder, "_network", recording)
+    return asked

@@ -127,16 +127,9 @@ def test_a_waiter_rechecks_only_what_others_hold(tmp_path):
 
 
 def test_vectors_are_stored_per_layer_and_only_missing_layers_run(tmp_path, tiny_model_path, sample_photos,
-                                                                    monkeypatch):
+                                                                    network_calls):
     kw = dict(model=str(tiny_model_path), preprocessing=TINY_PREPROCESSING, progress=False, cache=tmp_path)
-    asked: list = []
-    network = ImageEmbedder._network
-
-    def recording(self, tensors):
-        asked.append(tensors)
-        return network(self, tensors)
-
-    monkeypatch.setattr(ImageEmbedder, "_network", recording)
+    asked = network_calls
     ImageEmbedder(**kw, layers="pooled").fit().transform(sample_photos)
     both = ImageEmbedder(**kw, layers=["stage2", "pooled"]).fit()
     X = both.transform(sample_photos)

@@ -16,15 +16,8 @@ def kw(tiny_model_path):
     return dict(model=str(tiny_model_path), preprocessing=TINY_PREPROCESSING, progress=False)
 
 
-def test_per_layer_pooling_equals_separate_embedders_in_one_pass(kw, sample_photos, monkeypatch):
-    asked: list = []
-    network = ImageEmbedder._network
-
-    def recording(self, tensors):
-        asked.append(tensors)
-        return network(self, tensors)
-
-    monkeypatch.setattr(ImageEmbedder, "_network", recording)
+def test_per_layer_pooling_equals_separate_embedders_in_one_pass(kw, sample_photos, network_calls):
+    asked = network_calls
     emb = ImageEmbedder(**kw, layers=[("stage2", "gem"), ("stage2", "max"), "pooled"]).fit()
     X = emb.transform(sample_photos)
     assert asked == [("conv2", "pooled")]  # one pass, each tensor once
