@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from numbers import Integral
 from typing import Any, Mapping, Sequence
 
@@ -24,6 +25,7 @@ from sklearn.base import BaseEstimator, clone
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import confusion_matrix
+from sklearn.exceptions import FitFailedWarning
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
@@ -276,17 +278,25 @@ def compare_heads(
         if bar is not None:
             bar.set_postfix_str(name)
         grid = _fit_grid(grid, smallest_fold)
-        search = GridSearchCV(clone(est), grid, scoring=scoring, cv=splitter, n_jobs=n_jobs, refit=refit,
-                              error_score="raise")
+        search = GridSearchCV(clone(est), grid, scoring=scoring, cv=splitter, n_jobs=n_jobs, refit=refit)
         t0 = time.perf_counter()
         try:
-            search.fit(X, y)
+            # candidates that fail score NaN and the others still compete; their tracebacks
+            # (a page each) are not shown, and a head with no candidate left is one line
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FitFailedWarning)
+                warnings.filterwarnings("ignore", message=".*non-finite.*", category=UserWarning)
+                search.fit(X, y)
+            if not np.isfinite(search.cv_results_["mean_test_score"]).any():
+                raise ValueError("every candidate failed to fit")
         except Exception as exc:  # one line in the leaderboard, never a page of tracebacks
             reason = (str(exc).strip().splitlines() or [""])[-1][:160]
             logger.warning("%s could not be fitted: %s: %s", name, type(exc).__name__, reason)
             rows.append({"head": name, "mean_test_score": np.nan, "std_test_score": np.nan,
                          "mean_fit_time": np.nan, "search_time": time.perf_counter() - t0,
                          "params": {"failed": f"{type(exc).__name__}: {reason}"}, "estimator": None})
+            if bar is not None:
+                bar.update(1)
             continue
         elapsed = time.perf_counter() - t0
         best = search.best_index_
@@ -319,8 +329,10 @@ def compare_heads(
     return board
 
 
-def _fit_grid(grid: Mapping[str, Any], smallest_fold: int) -> dict:
+def _fit_grid(grid: Any, smallest_fold: int) -> Any:
     """The grid with neighbour counts a training fold can hold (kNN needs k <= samples)."""
+    if isinstance(grid, (list, tuple)):  # GridSearchCV also takes a list of grids
+        return [_fit_grid(g, smallest_fold) for g in grid]
     out = {}
     for key, values in dict(grid).items():
         if key.split("__")[-1] == "n_neighbors":
@@ -493,8 +505,32 @@ def save_model(pipeline: Pipeline, path: str | os.PathLike) -> None:
         joblib.dump(pipeline, path)
 
 
-#: modules whose types a ``.skops`` model may hold; anything else is refused by :func:`load_model`
+#: modules whose estimator classes a ``.skops`` model may hold; anything else is refused by :func:`load_model`
 TRUSTED_MODULES = ("deepfeat.", "sklearn.")
+#: other classes a deepfeat model legitimately holds (a ``Path`` given as ``model=`` or ``cache=``)
+TRUSTED_CLASSES = frozenset({"pathlib.Path", "pathlib.PosixPath", "pathlib.WindowsPath"})
+
+
+def _trusted_type(name: str) -> bool:
+    """Whether ``name`` (``module.Class`` as skops lists it) is a class we let skops rebuild.
+
+    A prefix is not enough: a scikit-learn module may import ``subprocess.check_output`` under its own
+    name, and skops calls what it finds there. So the name must resolve to a class *defined* in that
+    module (``cls.__module__`` is the module named) and be an estimator; functions are never trusted.
+    """
+    import importlib
+
+    if name in TRUSTED_CLASSES:
+        return True
+    module, _, attr = name.rpartition(".")
+    if not module.startswith(TRUSTED_MODULES) or any(part.startswith("_") and part.endswith("_")
+                                                     for part in module.split(".")):
+        return False  # never import an arbitrary module, nor deepfeat.__main__ (it runs the CLI)
+    try:
+        obj = getattr(importlib.import_module(module), attr, None)
+    except ImportError:
+        return False
+    return isinstance(obj, type) and obj.__module__ == module and issubclass(obj, BaseEstimator)
 
 
 def _skops():
@@ -538,7 +574,7 @@ def load_model(path: str | os.PathLike) -> Pipeline:
     if path.endswith(".skops"):
         sio = _skops()
         types = sio.get_untrusted_types(file=path)
-        refused = sorted(t for t in types if not t.startswith(TRUSTED_MODULES))
+        refused = sorted(t for t in types if not _trusted_type(t))
         if refused:
             raise ValueError(
                 f"The model file {path!r} holds types that are neither deepfeat's nor scikit-learn's: {refused}. "

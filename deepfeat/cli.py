@@ -357,7 +357,8 @@ def _auto_layers(train: "pd.DataFrame", args) -> list:
               "on_error": args.on_error, "progress": not args.no_progress, "cache_key": args.cache_key}
     t = time.perf_counter()
     layers, scores = select_recipe(train["path"], train["label"], model=args.model, max_layers=3, cv=args.cv,
-                                   cache=_cache_arg(args), random_state=args.seed, embedder_params=params)
+                                   cache=_cache_arg(args), random_state=args.seed, scoring=args.scoring,
+                                   embedder_params=params)
     step = scores.attrs["combination"][-1] if scores.attrs.get("combination") else None
     shown = _layers_text([(x, "vector") if isinstance(x, str) else x for x in layers])
     probe = f", probe CV {step['mean_test_score']:.3f}" if step else ""
@@ -383,7 +384,11 @@ def cmd_predict(args) -> int:
         overrides["providers"] = _providers_arg(args.providers)
     emb.set_params(**overrides)
     if "cache" in overrides:
+        saved = emb.model_sha256_
         emb.fit()  # the cache is part of what fit resolves
+        if emb.model_sha256_ != saved:  # the head was trained on the saved model's features
+            raise SystemExit(f"deepfeat: the model file {emb.model_path_} changed since {args.model} was saved "
+                             f"(sha256 {emb.model_sha256_[:12]}..., saved {saved[:12]}...); retrain with classify")
     paths: list[str] = []
     labels: list = []
     for p in args.paths:
@@ -418,8 +423,9 @@ def cmd_predict(args) -> int:
     if known:  # a labelled folder (or a CSV with labels): say how right the model is
         from .classify import confusion_table
 
-        truth = np.asarray([labels[i] for i in known], dtype=object)
-        pred = result["prediction"].iloc[known].to_numpy(dtype=object)
+        # as text: a CSV's labels may read as numbers where the training folders gave names
+        truth = np.asarray([str(labels[i]) for i in known], dtype=object)
+        pred = np.asarray([str(p) for p in result["prediction"].iloc[known]], dtype=object)
         hits = int((pred == truth).sum())
         print(f"\naccuracy on {len(known)} labelled images: {hits / len(known):.4f} ({hits}/{len(known)})")
         classes = sorted(set(truth) | set(pred))
@@ -434,7 +440,8 @@ def cmd_select_layer(args) -> int:
     from .selection import plot_layer_scores, select_layer
 
     df = _labelled(args.train, args)
-    layers = _layers_arg(args.layers)
+    # select-layer tries its own poolings on every candidate: `layer@pooling` names the layer
+    layers = [x[0] if isinstance(x, tuple) else x for x in _layers_arg(args.layers) or []] or None
     poolings = [p.strip() for p in args.pooling.split(",") if p.strip()]
     params = {
         "batch_size": args.batch_size,
@@ -742,6 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_select_layer)
 
     p = sub.add_parser("cache", help="inspect or clear an on-disk feature cache")
+    p.register("action", "parsers", _Subparsers)  # `cache info -v` as well
     csub = p.add_subparsers(dest="cache_command", required=True)
     for name, func, text in (
         ("info", cmd_cache_info, "vectors stored per model/layer setting, size, integrity check"),

@@ -268,7 +268,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         self.n_features_out_ = int(sum(self.output_dims_))
         self._build_plan()
         self.failures_ = _empty_failures()
-        self._fitted_params = self._vector_params()
+        self._fitted_hashes = self._vector_params()
         self.cache_dir_ = resolve_cache_dir(self.cache)
         self.cache_stats_ = dict.fromkeys(("hits", "misses", "computed", "shared", "uncacheable"), 0)
         if self.cache_dir_ is not None:
@@ -321,7 +321,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         return {k: joblib.hash(getattr(self, k)) for k in keys}
 
     def _check_unchanged_since_fit(self) -> None:
-        fitted = getattr(self, "_fitted_params", None)
+        fitted = getattr(self, "_fitted_hashes", None)
         current = self._vector_params()
         if fitted is not None and fitted != current:
             changed = sorted(k for k in current if current[k] != fitted.get(k))
@@ -420,6 +420,12 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
 
     def __setstate__(self, state: dict) -> None:
         state = dict(state)
+        if "tta" not in state:  # fitted by deepfeat 0.1.0, before the parameter existed
+            state["tta"] = None
+        if isinstance(state.get("_fitted_params"), dict) and "_fitted_hashes" not in state:
+            # 0.1.0 kept the fitted values themselves; compare by hash as fit does now
+            old = {"tta": None, **state.pop("_fitted_params")}
+            state["_fitted_hashes"] = {k: joblib.hash(v) for k, v in old.items()}
         if isinstance(state.get("spec_"), dict):
             spec = dict(state["spec_"])
             spec["layers"] = MappingProxyType(dict(spec.get("layers") or {}))

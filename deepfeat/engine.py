@@ -336,7 +336,8 @@ def embed(
             for j in need:
                 out = outputs[layers[j].tensor]
                 if tta == "flip":  # (n, 2, ...): the image and its mirror, pooled, then averaged
-                    vecs = (pool(out[:, 0], layers[j].pooling) + pool(out[:, 1], layers[j].pooling)) / 2
+                    mirror = out[:, 1][..., ::-1] if out.ndim == 5 else out[:, 1]  # maps back in place: "none" too
+                    vecs = (pool(out[:, 0], layers[j].pooling) + pool(mirror, layers[j].pooling)) / 2
                 else:
                     vecs = pool(out, layers[j].pooling)
                 if vecs.shape[1] != layers[j].dim:

@@ -276,3 +276,46 @@ def test_a_skops_file_with_an_untrusted_type_is_refused_naming_it(tmp_path, tiny
     sio.dump(evil, path)
     with pytest.raises(ValueError, match=r"neither deepfeat's nor scikit-learn's: \[.*system.*\]. It was not loaded"):
         load_model(path)
+
+
+def test_a_skops_file_naming_a_function_under_a_trusted_module_is_refused(tmp_path):
+    """A prefix check is not enough: sklearn.utils._testing imports subprocess.check_output under its own
+    name. A crafted file naming it must be refused before skops rebuilds (and calls) anything."""
+    sio = pytest.importorskip("skops.io")
+    import json
+    import zipfile
+
+    from sklearn.preprocessing import FunctionTransformer
+
+    from deepfeat.classify import _trusted_type, load_model
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.skops"
+    sio.dump(FunctionTransformer(), path)
+    schema = json.loads(zipfile.ZipFile(path).read("schema.json"))
+    # the top node now names a function that a trusted-looking module re-exports
+    schema.update({"__class__": "check_output", "__module__": "sklearn.utils._testing"})
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("schema.json", json.dumps(schema))
+    with pytest.raises(ValueError, match=r"sklearn.utils._testing.check_output.*It was not loaded"):
+        load_model(path)
+    assert not marker.exists()
+    assert not _trusted_type("deepfeat.__main__.main") and not _trusted_type("os.system")
+    assert _trusted_type("deepfeat.embedder.ImageEmbedder") and _trusted_type("sklearn.pipeline.Pipeline")
+    assert _trusted_type("pathlib.PosixPath")
+
+
+def test_an_old_pickle_without_tta_still_transforms(tiny_model_path, sample_photos):
+    import joblib
+
+    emb = ImageEmbedder(model=str(tiny_model_path), preprocessing=TINY_PREPROCESSING, progress=False).fit()
+    X = emb.transform(sample_photos)
+    state = emb.__getstate__()
+    keys = ("model", "layers", "pooling", "image_size", "preprocessing", "jpeg_draft", "cache", "cache_key")
+    state.pop("tta")
+    state.pop("_fitted_hashes")
+    state["_fitted_params"] = {k: state[k] for k in keys}  # how deepfeat 0.1.0 recorded them
+    old = ImageEmbedder.__new__(ImageEmbedder)
+    old.__setstate__(state)
+    assert old.tta is None and np.array_equal(old.transform(sample_photos), X)
+    assert joblib.hash(old.get_params()) == joblib.hash(emb.get_params())

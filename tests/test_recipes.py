@@ -89,3 +89,17 @@ def test_classify_auto_end_to_end(tmp_path, photo_folder, capsys):
     assert (pipe.predict(df["path"][:4]) == pipe.predict(df["path"][:4])).all()
     with pytest.raises(SystemExit, match="--auto chooses the layers itself"):
         main(["classify", str(root), "--auto", "--layers", "pooled", "-o", str(out)])
+
+
+def test_flip_tta_with_flattened_maps_puts_the_mirror_back_in_place(kw, sample_photos):
+    # 36 x 36: the resize is the identity and the 32-pixel center crop is symmetric, so the crop of the
+    # mirror is the mirror of the crop and the comparison below is exact up to float rounding
+    photo = np.ascontiguousarray(sample_photos[0][100:136, 200:236])
+    tta = ImageEmbedder(**kw, layers="stage2", pooling="none", tta="flip").fit()
+    a, b = tta.transform([photo, photo[:, ::-1].copy()])
+    flat = ImageEmbedder(**kw, layers="stage2", pooling="none").fit()
+    plain, mirrored = flat.transform([photo, photo[:, ::-1].copy()])
+    maps = tta.output_shapes_[0]
+    unflip = mirrored.reshape(maps)[..., ::-1].ravel()
+    np.testing.assert_allclose(a, (plain + unflip) / 2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b.reshape(maps)[..., ::-1].ravel(), a, rtol=1e-5, atol=1e-5)
