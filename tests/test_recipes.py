@@ -103,3 +103,24 @@ def test_flip_tta_with_flattened_maps_puts_the_mirror_back_in_place(kw, sample_p
     unflip = mirrored.reshape(maps)[..., ::-1].ravel()
     np.testing.assert_allclose(a, (plain + unflip) / 2, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(b.reshape(maps)[..., ::-1].ravel(), a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_faster_linear_svm_scores_like_the_old_one_on_ants_and_bees(hymenoptera):
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    from deepfeat import load_image_folder
+    from deepfeat.classify import compare_heads, default_heads
+
+    df = load_image_folder(hymenoptera / "train")
+    df = df[df["path"].str.lower().str.endswith(".jpg")]
+    X = ImageEmbedder(progress=False).fit_transform(df["path"])
+    y = df["label"].to_numpy()
+    old = {"linear_svm": (Pipeline([("scale", StandardScaler()), ("clf", LinearSVC(max_iter=20000))]),
+                          {"clf__C": [1e-4, 1e-3, 1e-2, 0.1]})}
+    new = {"linear_svm": default_heads()["linear_svm"]}
+    before = compare_heads(X, y, old, cv=5, refit=False)["mean_test_score"].iloc[0]
+    after = compare_heads(X, y, new, cv=5, refit=False)["mean_test_score"].iloc[0]
+    assert abs(after - before) <= 0.01, (before, after)
