@@ -82,8 +82,6 @@ def _svm_times(cache):
 
 
 def run(quick: bool = False) -> str:
-    import pandas as pd
-
     from deepfeat import load_image_folder, make_sample_photos
 
     lines = ["## Recipes: `classify --auto` against the default layer", ""]
@@ -108,7 +106,7 @@ def run(quick: bool = False) -> str:
                              f"{'yes' if res['chosen'] == name else ''} | "
                              f"{res['seconds']:.1f} |")
         shape, rows = _svm_times(cache)
-    lines += ["", f"`--auto seconds`: select_recipe plus both head searches and the test scoring, with a feature "
+    lines += ["", "`--auto seconds`: select_recipe plus both head searches and the test scoring, with a feature "
               "cache shared by the steps. `classify --auto` keeps the recipe only if its CV is higher than the "
               "default's, so on a tie it keeps the default.", "",
               f"### The linear SVM head on {shape[0]} x {shape[1]} real features, 12 classes (5-fold search)", "",

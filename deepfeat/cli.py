@@ -20,8 +20,7 @@ _OUTPUT_SUFFIXES = (".parquet", ".csv")
 
 
 def _read_inputs(path: str, column: str) -> pd.DataFrame:
-    import numpy as np  # noqa: F401
-    import pandas as pd  # noqa: F401
+    import pandas as pd
 
     from .datasets import load_image_folder
 
@@ -94,8 +93,7 @@ def _embedder(args):
 
 
 def cmd_embed(args) -> int:
-    import numpy as np  # noqa: F401
-    import pandas as pd  # noqa: F401
+    import pandas as pd
 
     from .images import ImageDecodeError
 
@@ -178,17 +176,13 @@ _MAX_LISTED = 20
 
 
 def _write_failures(failures: pd.DataFrame, path: str) -> None:
-    import numpy as np  # noqa: F401
-    import pandas as pd  # noqa: F401
-
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     failures.to_csv(out, index=False)
 
 
 def _report_raise(exc, df: pd.DataFrame, args) -> int:
-    import numpy as np  # noqa: F401
-    import pandas as pd  # noqa: F401
+    import pandas as pd
 
     """--on-error raise met a bad input: say which and why, exit non-zero."""
     paths = [str(p) for p in df["path"]]
@@ -207,8 +201,7 @@ def _report_raise(exc, df: pd.DataFrame, args) -> int:
 
 
 def cmd_layers(args) -> int:
-    import numpy as np  # noqa: F401
-    import pandas as pd  # noqa: F401
+    import pandas as pd
 
     from .resolve import list_layers
 
@@ -219,9 +212,6 @@ def cmd_layers(args) -> int:
 
 
 def cmd_models(args) -> int:
-    import numpy as np  # noqa: F401
-    import pandas as pd  # noqa: F401
-
     from .registry import list_models
 
     df = list_models()
@@ -244,9 +234,6 @@ def cmd_sample_photos(args) -> int:
 
 
 def _labelled(path: str, args) -> pd.DataFrame:
-    import numpy as np  # noqa: F401
-    import pandas as pd  # noqa: F401
-
     df = _read_inputs(path, args.path_column)
     if "label" not in df.columns:
         raise SystemExit(f"deepfeat: {path} has no 'label' column; a CSV needs path and label columns")
@@ -278,8 +265,7 @@ def _cache_note(emb) -> str:
 
 
 def cmd_classify(args) -> int:
-    import numpy as np  # noqa: F401
-    import pandas as pd  # noqa: F401
+    import numpy as np
 
     from .classify import (
         compare_heads, confusion_table, default_heads, format_leaderboard, make_image_pipeline, save_model,
@@ -368,8 +354,8 @@ def _auto_layers(train: "pd.DataFrame", args) -> list:
 
 
 def cmd_predict(args) -> int:
-    import numpy as np  # noqa: F401
-    import pandas as pd  # noqa: F401
+    import numpy as np
+    import pandas as pd
 
     from .classify import load_model, predict_paths
     from .datasets import load_image_folder
@@ -434,8 +420,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_select_layer(args) -> int:
-    import numpy as np  # noqa: F401
-    import pandas as pd  # noqa: F401
+    import pandas as pd
 
     from .selection import plot_layer_scores, select_layer
 
@@ -511,8 +496,7 @@ def _cache_dir(path: str | None) -> Path:
 
 
 def cmd_cache_info(args) -> int:
-    import numpy as np  # noqa: F401
-    import pandas as pd  # noqa: F401
+    import pandas as pd
 
     from .cache import FeatureCache
 

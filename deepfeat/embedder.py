@@ -28,7 +28,7 @@ from .keys import KEY_MODES, feature_fingerprint
 from .pooling import POOLINGS, pooled_dim
 from .registry import DEFAULT_MODEL, ModelFileError, ModelSpec, model_sha256
 from .resolve import layer_shapes, model_summary, resolve_model
-from .runtime import Runner, on_device, resolve_providers
+from .runtime import on_device, resolve_providers
 from .sessions import get_runner
 
 __all__ = ["ImageEmbedder"]

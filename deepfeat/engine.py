@@ -217,14 +217,14 @@ def embed(
     stats["misses"] = int(weight[~complete].sum())
     stats["uncacheable"] = len(loose) if store.persistent else 0
 
-    def copy_dups(units: "Sequence[int] | np.ndarray", need: np.ndarray) -> None:
+    def copy_dups(units: "Sequence[int] | np.ndarray") -> None:
+        """Give the other rows of each unit its (complete) row."""
         for u in units:
             extra = dups.get(int(u))
             if extra:
-                for j in np.flatnonzero(need).tolist():
-                    X[extra, cols[j]] = X[upos[u], cols[j]]
+                X[extra] = X[upos[u]]
 
-    copy_dups(np.flatnonzero(complete), np.ones(n_layers, dtype=bool))
+    copy_dups(np.flatnonzero(complete))
 
     owner = new_owner()
     claimed = False
@@ -239,7 +239,7 @@ def embed(
         done = ~missing[units].any(axis=1)
         if done.any():
             stats["shared"] += int(weight[units[done]].sum())
-            copy_dups(units[done], np.ones(n_layers, dtype=bool))
+            copy_dups(units[done])
         return units[~done]
 
     def tasks() -> Iterator[Any]:
@@ -357,7 +357,7 @@ def embed(
             keep = []
             for i, u in zip(ok_idx, ok_units):
                 if stamp_holds(items[upos[u]], stamps[upos[u]]):
-                    copy_dups([u], np.ones(n_layers, dtype=bool))  # found layers too, not only computed ones
+                    copy_dups([u])  # found layers too, not only computed ones
                     if np.isfinite(X[upos[u]]).all():
                         keep.append(i)
                 else:  # edited while read: the vector is not its key's, nor its copies'

@@ -120,7 +120,7 @@ def check_preprocessing(preprocessing: Mapping | None) -> dict:
     ValueError: The 'preprocessing' parameter has an unknown key 'input_szie' (did you mean 'input_size'?). Allowed keys: ['channel_order', 'default_layer', 'input_size', 'interpolation', 'layers', 'mean', 'resize_size', 'std'].
     """
     import difflib
-    from numbers import Integral, Real
+    from numbers import Integral
 
     from .images import INTERPOLATIONS
 

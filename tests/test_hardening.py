@@ -137,7 +137,6 @@ def test_full_integrity_check_finds_what_quick_check_passes(tmp_path, capsys):
     import sqlite3
 
     from deepfeat.cache import DB_NAME, CacheCorruptError, FeatureCache
-    from deepfeat.cli import main
 
     _filled(tmp_path)
     con = sqlite3.connect(tmp_path / DB_NAME)
