@@ -76,20 +76,17 @@ def _cache_arg(args) -> "bool | str | None":
     return True if getattr(args, "cache", False) else None
 
 
+def _embed_params(args) -> dict:
+    """The ImageEmbedder settings of the embedding options, other than model, layers, pooling and cache."""
+    return {"batch_size": args.batch_size, "providers": _providers_arg(args.providers), "on_error": args.on_error,
+            "progress": not args.no_progress, "cache_key": args.cache_key}
+
+
 def _embedder(args):
     from .embedder import ImageEmbedder
 
-    return ImageEmbedder(
-        model=args.model,
-        layers=_layers_arg(args.layers),
-        pooling=args.pooling,
-        batch_size=args.batch_size,
-        providers=_providers_arg(args.providers),
-        on_error=args.on_error,
-        progress=not args.no_progress,
-        cache=_cache_arg(args),
-        cache_key=args.cache_key,
-    )
+    return ImageEmbedder(model=args.model, layers=_layers_arg(args.layers), pooling=args.pooling,
+                         cache=_cache_arg(args), **_embed_params(args))
 
 
 def cmd_embed(args) -> int:
@@ -339,12 +336,10 @@ def _auto_layers(train: "pd.DataFrame", args) -> list:
 
     if args.layers:
         raise SystemExit("deepfeat: --auto chooses the layers itself; leave out --layers")
-    params = {"batch_size": args.batch_size, "providers": _providers_arg(args.providers),
-              "on_error": args.on_error, "progress": not args.no_progress, "cache_key": args.cache_key}
     t = time.perf_counter()
     layers, scores = select_recipe(train["path"], train["label"], model=args.model, max_layers=3, cv=args.cv,
                                    cache=_cache_arg(args), random_state=args.seed, scoring=args.scoring,
-                                   embedder_params=params)
+                                   embedder_params=_embed_params(args))
     step = scores.attrs["combination"][-1] if scores.attrs.get("combination") else None
     shown = _layers_text([(x, "vector") if isinstance(x, str) else x for x in layers])
     probe = f", probe CV {step['mean_test_score']:.3f}" if step else ""
@@ -428,13 +423,7 @@ def cmd_select_layer(args) -> int:
     # select-layer tries its own poolings on every candidate: `layer@pooling` names the layer
     layers = [x[0] if isinstance(x, tuple) else x for x in _layers_arg(args.layers) or []] or None
     poolings = [p.strip() for p in args.pooling.split(",") if p.strip()]
-    params = {
-        "batch_size": args.batch_size,
-        "providers": _providers_arg(args.providers),
-        "on_error": args.on_error,
-        "progress": not args.no_progress,
-        "cache_key": args.cache_key,
-    }
+    params = _embed_params(args)
     scores = select_layer(
         df["path"], df["label"], model=args.model, layers=layers, poolings=poolings, cv=args.cv,
         cache=_cache_arg(args), scoring=args.scoring, random_state=args.seed, embedder_params=params,

@@ -247,7 +247,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
             spec = replace(spec, input_size=self.image_size, resize_size=round(self.image_size * ratio))
         sha = spec.sha256 or model_sha256(path)  # external-data weights included
         layers = spec.default_layer if self.layers is None else self.layers
-        summary = model_summary(str(path), sha)
+        summary = model_summary(str(path), sha, spec.input_size)
         _check_input(summary.input_shape, spec.input_size, path)
         self.layers_, self.poolings_ = _resolve_layer_poolings(summary, layers, spec.layers, self.pooling)
         tensors = tuple(t for _, t in self.layers_)
@@ -399,8 +399,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
     def __getstate__(self) -> dict:
         # plain values only: the spec as a dict, failures as records, so that skops (which
         # rebuilds only types it is told to trust) can save a fitted embedder as well as pickle
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
+        state = dict(super().__getstate__())
         if isinstance(state.get("spec_"), ModelSpec):
             spec = state["spec_"]
             state["spec_"] = {f.name: (dict(getattr(spec, f.name)) if f.name == "layers" else getattr(spec, f.name))
@@ -441,7 +440,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
                 state[key] = Path(state[key])
         if state.get("_plan") and isinstance(state["_plan"][0], dict):
             state["_plan"] = [Layer(**la) for la in state["_plan"]]
-        super().__setstate__(state) if hasattr(super(), "__setstate__") else self.__dict__.update(state)
+        super().__setstate__(state)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -241,9 +241,11 @@ def _derived_layers(path: str, sha256: str, input_size: int) -> dict[str, str]:
 # candidate of a grid search): what it needs of the graph is computed once per
 # process and file content (the sha256 is in every key), so a fit costs a stat
 # of the model file and a few dictionary look-ups.
-@lru_cache(maxsize=16)
-def model_summary(path: str, sha256: str) -> GraphSummary:
+def model_summary(path: str, sha256: str, input_size: int = 224) -> GraphSummary:
     """The tensors of a checked ONNX file (:func:`deepfeat.graph.load_onnx` runs once per content).
+
+    ``input_size`` only selects the memo entry that :func:`layer_shapes` shares: the file is read,
+    checked and parsed once for both.
 
     Examples
     --------
@@ -252,12 +254,14 @@ def model_summary(path: str, sha256: str) -> GraphSummary:
     >>> model_summary(str(path), file_sha256(path)).first_output
     'logits'
     """
-    return GraphSummary.of(_load_checked(path, sha256))
+    return _graph_facts(path, sha256, input_size)[0]
 
 
 @lru_cache(maxsize=16)
-def _inferred(path: str, sha256: str, input_size: int) -> dict[str, tuple]:
-    return inferred_shapes(_load_checked(path, sha256), input_size)
+def _graph_facts(path: str, sha256: str, input_size: int) -> tuple[GraphSummary, dict[str, tuple]]:
+    # one load of the (possibly large) file for what a fit needs of the graph
+    proto = _load_checked(path, sha256)
+    return GraphSummary.of(proto), inferred_shapes(proto, input_size)
 
 
 @lru_cache(maxsize=64)
@@ -276,7 +280,7 @@ def layer_shapes(path: str, sha256: str, tensors: tuple, input_size: int, exact:
     >>> layer_shapes(str(path), file_sha256(path), ("blocks.10", "pooled"), 224)
     (('batch', 112, None, None), ('batch', 1280, 1, 1))
     """
-    inferred = _inferred(path, sha256, input_size)
+    inferred = _graph_facts(path, sha256, input_size)[1]
     shapes = [inferred.get(t) for t in tensors]
 
     def known(s):
