@@ -52,8 +52,11 @@ def fetch_model(
     """Put the file of a registered model into the user cache and return its path.
 
     Called by :func:`deepfeat.resolve.resolve_model` when the file is in
-    none of :func:`deepfeat.registry.models_dirs`. A spec with a ``url`` is
-    downloaded; a spec with an ``exporter`` is exported with PyTorch.
+    none of :func:`deepfeat.registry.models_dirs`. A spec with ``urls`` is
+    downloaded from its mirrors, in order: a mirror that cannot be reached,
+    answers with an HTTP error, or serves bytes whose sha256 differs from the
+    pinned one is logged and the next one is tried (each with the retries and
+    resume below). A spec with an ``exporter`` is exported with PyTorch.
 
     Parameters
     ----------
@@ -78,9 +81,11 @@ def fetch_model(
     Raises
     ------
     NoNetworkError
-        The server cannot be reached; the message says where to put the file.
+        No mirror can be reached; the message lists every URL tried and says
+        where to put the file by hand.
     ModelDownloadError
-        The server refused the file, or what arrived has the wrong sha256.
+        Every mirror failed (HTTP error, or the wrong sha256); the message lists
+        each URL and why.
 
     Examples
     --------
@@ -90,11 +95,8 @@ def fetch_model(
     """
     dest_dir = Path(dest_dir) if dest_dir is not None else user_models_dir()
     dest = dest_dir / spec.filename
-    if spec.url:
-        return download_file(
-            spec.url, dest, sha256=spec.sha256, size=spec.size_bytes,
-            retries=retries, backoff=backoff, timeout=timeout,
-        )
+    if spec.urls:
+        return _from_mirrors(spec, dest, retries=retries, backoff=backoff, timeout=timeout)
     if spec.exporter:
         return _export_on_demand(spec, dest)
     raise ModelFileError(
@@ -102,6 +104,34 @@ def fetch_model(
         f"downloaded. Put it at {dest} or in a folder named by $DEEPFEAT_MODELS "
         "(or reinstall deepfeat)."
     )
+
+
+def _from_mirrors(spec: ModelSpec, dest: Path, *, retries: int, backoff: float, timeout: float) -> Path:
+    """Try each mirror in turn; the first that serves the pinned bytes wins."""
+    tried: list[str] = []
+    offline = True
+    for i, url in enumerate(spec.urls):
+        try:
+            return download_file(url, dest, sha256=spec.sha256, size=spec.size_bytes,
+                                 retries=retries, backoff=backoff, timeout=timeout)
+        except ModelDownloadError as exc:
+            offline = offline and isinstance(exc, NoNetworkError)
+            tried.append(f"  {url}\n    -> {exc}")
+            if i + 1 < len(spec.urls):
+                logger.warning("mirror %d of %d for %s failed (%s); trying %s",
+                               i + 1, len(spec.urls), spec.name, exc, spec.urls[i + 1])
+    size = f"{spec.size_bytes} bytes, " if spec.size_bytes else ""
+    message = (
+        f"Could not download model {spec.name!r} ({spec.filename}) from any of its "
+        f"{len(spec.urls)} mirror(s):\n" + "\n".join(tried) + "\n"
+        f"To place it by hand: download {spec.filename} ({size}sha256 {spec.sha256}) "
+        f"from one of the addresses above on a machine that can reach it, then put it in "
+        f"{dest.parent} or in a folder named by the environment variable DEEPFEAT_MODELS "
+        f"(e.g. DEEPFEAT_MODELS=/data/models); deepfeat checks its sha256 before use."
+    )
+    if offline:
+        raise NoNetworkError("no network: " + message)
+    raise ModelDownloadError(message)
 
 
 def download_file(
@@ -155,42 +185,68 @@ def download_file(
         # another process may have finished the same download while we waited
         if dest.is_file() and (sha256 is None or file_sha256(dest) == sha256):
             return dest
-        attempt = 0
-        while True:
-            try:
-                _transfer(url, part, size=size, timeout=timeout)
-                break
-            except _Retryable as exc:
-                # an unreachable server (offline, DNS) rarely recovers in seconds: one retry
-                if attempt >= (min(retries, 1) if exc.offline else retries):
-                    if exc.offline:
-                        raise NoNetworkError(
-                            f"no network: put the file at {dest} or set DEEPFEAT_MODELS "
-                            f"to a folder holding {dest.name} (download of {url} failed "
-                            f"{attempt + 1} times: {exc})"
-                        ) from exc.__cause__
-                    raise ModelDownloadError(
-                        f"Downloading {url} failed {attempt + 1} times ({exc}). "
-                        f"{_bytes(part)} bytes are kept in {part}; run again to resume, "
-                        f"or put the file at {dest}."
-                    ) from exc.__cause__
-                delay = backoff * 2**attempt
-                logger.warning("download of %s failed (%s); retry %d of %d in %.1f s",
-                               url, exc, attempt + 1, retries, delay)
-                time.sleep(delay)
-                attempt += 1
+        resumed = _bytes(part) > 0
+        _transfer_with_retries(url, part, dest, size=size, retries=retries, backoff=backoff, timeout=timeout)
         got = file_sha256(part)
+        if sha256 is not None and got != sha256 and resumed:
+            # the kept bytes may come from another mirror or an older file: once, from byte 0
+            logger.warning("resumed download of %s has the wrong sha256; downloading it again", url)
+            part.unlink()
+            _transfer_with_retries(url, part, dest, size=size, retries=retries,
+                                   backoff=backoff, timeout=timeout)
+            got = file_sha256(part)
         if sha256 is not None and got != sha256:
             n = _bytes(part)
+            what = _describe_wrong_file(part)
             part.unlink()
             raise ModelDownloadError(
-                f"Downloaded {url} ({n} bytes) has sha256 {got}, expected {sha256}; "
+                f"Downloaded {url} ({n} bytes{what}) has sha256 {got}, expected {sha256}; "
                 "the file was deleted. The server sent a different or corrupted file: "
                 f"try again later, or put the right file at {dest}."
             )
         os.replace(part, dest)
     logger.info("downloaded %s -> %s", url, dest)
     return dest
+
+
+def _transfer_with_retries(
+    url: str, part: Path, dest: Path, *, size: int | None, retries: int, backoff: float, timeout: float
+) -> None:
+    attempt = 0
+    while True:
+        try:
+            _transfer(url, part, size=size, timeout=timeout)
+            return
+        except _Retryable as exc:
+            # an unreachable server (offline, DNS) rarely recovers in seconds: one retry
+            if attempt >= (min(retries, 1) if exc.offline else retries):
+                if exc.offline:
+                    raise NoNetworkError(
+                        f"no network: put the file at {dest} or set DEEPFEAT_MODELS "
+                        f"to a folder holding {dest.name} (download of {url} failed "
+                        f"{attempt + 1} times: {exc})"
+                    ) from exc.__cause__
+                raise ModelDownloadError(
+                    f"Downloading {url} failed {attempt + 1} times ({exc}). "
+                    f"{_bytes(part)} bytes are kept in {part}; run again to resume, "
+                    f"or put the file at {dest}."
+                ) from exc.__cause__
+            delay = backoff * 2**attempt
+            logger.warning("download of %s failed (%s); retry %d of %d in %.1f s",
+                           url, exc, attempt + 1, retries, delay)
+            time.sleep(delay)
+            attempt += 1
+
+
+def _describe_wrong_file(path: Path) -> str:
+    """A hint about what arrived instead: a Git LFS pointer or an HTML page are common."""
+    with open(path, "rb") as f:
+        head = f.read(200)
+    if head.startswith(b"version https://git-lfs"):
+        return ", a Git LFS pointer file, not the model: this address no longer serves the file itself"
+    if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        return ", an HTML page, not the model"
+    return ""
 
 
 class _Retryable(Exception):

