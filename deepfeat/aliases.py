@@ -10,9 +10,16 @@ Every backbone gets the same names, so a grid search over
 ``features``
     the last feature map, the input of the global pooling;
 ``pooled``
-    the globally pooled vector (output of that pooling);
+    the globally pooled vector (output of that pooling). A network without
+    global pooling whose head is fully connected layers (AlexNet, VGG) has
+    the activation of its last hidden fully connected layer instead: the
+    penultimate vector the classic transfer-learning papers use (fc7);
+``fc6``, ``fc7``
+    the two hidden fully connected activations of an AlexNet/VGG-style head
+    (only when the head has exactly two);
 ``logits``
-    the graph's output.
+    the graph's output, or the input of its final Softmax (a file that ends
+    in probabilities still has logits).
 
 The rules look at the graph only (op types, tensor shapes from one probe run,
 topology), not at tensor names, so they work for files nobody annotated, such
@@ -28,6 +35,8 @@ __all__ = ["derive_aliases", "STANDARD_ALIASES"]
 
 #: alias names every model gets, shallow to deep
 STANDARD_ALIASES = ("stage1", "stage2", "stage3", "stage4", "stage5", "features", "pooled", "logits")
+#: aliases only some heads have, in the order they are listed after the standard ones
+_HEAD_ALIASES = ("fc6", "fc7")
 
 _SHAPE_OPS = {"Shape", "Size"}
 _POOL_OPS = {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "AveragePool", "MaxPool", "ReduceMean", "ReduceMax"}
@@ -66,8 +75,16 @@ def derive_aliases(model: onnx.ModelProto, input_size: int = 224) -> dict[str, s
     op_of = {o: n.op_type for n in g.node for o in n.output}
     inputs_of = {o: list(n.input) for n in g.node for o in n.output}
     aliases: dict[str, str] = {}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
     if g.output and g.output[0].name in shapes:
-        aliases["logits"] = g.output[0].name
+        out = g.output[0].name
+        # Caffe-era files end in Softmax: the scores before it are the logits
+        if op_of.get(out) in ("Softmax", "LogSoftmax") and inputs_of[out][0] in shapes:
+            out = inputs_of[out][0]
+        aliases["logits"] = out
 
     def spatial(t):
         s = shapes[t]
@@ -92,6 +109,8 @@ def derive_aliases(model: onnx.ModelProto, input_size: int = 224) -> dict[str, s
         # no global pooling (or a functional one we cannot see): the last map
         maps = [t for t in order if reduction(t) is not None]
         features = maps[-1] if maps else None
+        if features is not None:
+            aliases.update(_dense_head(order[position[features] + 1:], op_of, inputs_of, consumers, shapes))
     if features is not None:
         aliases["features"] = features
     last = position[features] if features is not None else len(order) - 1
@@ -115,7 +134,35 @@ def derive_aliases(model: onnx.ModelProto, input_size: int = 224) -> dict[str, s
         limit = min(shapes[t][1] for t in by_red[min(rr for rr in by_red if rr > r)])
         chosen = next((t for t in reversed(cands) if shapes[t][1] <= limit), cands[-1])
         aliases[f"stage{k}"] = chosen
-    return {a: aliases[a] for a in STANDARD_ALIASES if a in aliases}
+    return {a: aliases[a] for a in STANDARD_ALIASES + _HEAD_ALIASES if a in aliases}
+
+
+def _dense_head(after: list[str], op_of: dict, inputs_of: dict, consumers: dict, shapes: dict) -> dict[str, str]:
+    """``pooled`` (and ``fc6``/``fc7``) of a head of fully connected layers after the last map.
+
+    A dense layer is a Gemm, or a MatMul with its bias Add; its activation is the
+    output of the Relu that alone consumes it. The last dense layer is the
+    classifier; the ones before it are the hidden layers.
+    """
+    dense = []
+    for t in after:
+        op = op_of[t]
+        if op == "MatMul" and len(consumers.get(t, ())) == 1 and consumers[t][0].op_type == "Add":
+            continue  # its bias Add ends the layer
+        if op == "Gemm" or op == "MatMul" or (op == "Add" and any(op_of.get(i) == "MatMul" for i in inputs_of[t])):
+            if len(shapes[t]) == 2:
+                dense.append(t)
+    hidden = []
+    for t in dense[:-1]:
+        users = consumers.get(t, ())
+        act = users[0].output[0] if len(users) == 1 and users[0].op_type == "Relu" else t
+        hidden.append(act)
+    found: dict[str, str] = {}
+    if hidden:
+        found["pooled"] = hidden[-1]
+    if len(hidden) == 2:
+        found["fc6"], found["fc7"] = hidden
+    return found
 
 
 def _dominators(model: onnx.ModelProto, candidates: list[str]) -> list[str]:

@@ -209,15 +209,24 @@ def cmd_layers(args) -> int:
 
 
 def cmd_models(args) -> int:
+    import pandas as pd
+
     from .registry import list_models
 
     df = list_models()
-    keep = [col for col in ("name", "input_size", "size_mb", "obtain", "offline", "license") if col in df.columns]
-    shown = df[keep].copy()
-    if "license" in shown:
-        shown["license"] = [str(v) if len(str(v)) <= 32 else str(v)[:31] + "…" for v in shown["license"]]
+    shown = pd.DataFrame({
+        "name": df["name"],
+        "input": df["input_size"],
+        "pooled": df["pooled_dim"],
+        "MB": df["size_mb"],
+        "arrives": df["obtain"],
+        "on disk": df["offline"].map({True: "yes", False: "no"}),
+        # the licences' names (file; weights); list_models() has the whole text
+        "license": [" + ".join(part.split(" (")[0].strip().removeprefix("weights ") for part in str(v).split(";"))
+                    for v in df["license"]],
+    })
     print(shown.to_string(index=False))
-    print("(deepfeat.list_models() has every column, descriptions included)")
+    print("(deepfeat.list_models() has every column: sources, sha256, download mirrors, descriptions)")
     return 0
 
 

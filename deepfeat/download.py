@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from .registry import ModelFileError, ModelSpec, file_sha256, user_models_dir
 
@@ -112,7 +112,7 @@ def _from_mirrors(spec: ModelSpec, dest: Path, *, retries: int, backoff: float, 
     offline = True
     for i, url in enumerate(spec.urls):
         try:
-            return download_file(url, dest, sha256=spec.sha256, size=spec.size_bytes,
+            return download_file(url, dest, sha256=spec.accepted_sha256 or None, size=spec.size_bytes,
                                  retries=retries, backoff=backoff, timeout=timeout)
         except ModelDownloadError as exc:
             offline = offline and isinstance(exc, NoNetworkError)
@@ -138,7 +138,7 @@ def download_file(
     url: str,
     dest: str | os.PathLike,
     *,
-    sha256: str | None,
+    sha256: str | Sequence[str] | None,
     size: int | None = None,
     retries: int = 4,
     backoff: float = 1.0,
@@ -157,8 +157,9 @@ def download_file(
         ``http(s)://`` or ``file://`` URL.
     dest : path
         Final path of the file; its folder is created.
-    sha256 : str or None
-        Expected hex digest. ``None`` skips the check (not used for registry files).
+    sha256 : str, sequence of str, or None
+        Expected hex digest (or the digests a publisher has published for the
+        file: any one matches). ``None`` skips the check (not used for registry files).
     size : int, optional
         Expected size in bytes, for the progress bar and an early error.
     retries, backoff, timeout
@@ -179,28 +180,29 @@ def download_file(
     b'model bytes'
     """
     dest = Path(dest)
+    accepted = None if sha256 is None else ((sha256,) if isinstance(sha256, str) else tuple(sha256))
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     with _locked(dest.with_name(dest.name + ".lock")):
         # another process may have finished the same download while we waited
-        if dest.is_file() and (sha256 is None or file_sha256(dest) == sha256):
+        if dest.is_file() and (accepted is None or file_sha256(dest) in accepted):
             return dest
         resumed = _bytes(part) > 0
         _transfer_with_retries(url, part, dest, size=size, retries=retries, backoff=backoff, timeout=timeout)
         got = file_sha256(part)
-        if sha256 is not None and got != sha256 and resumed:
+        if accepted is not None and got not in accepted and resumed:
             # the kept bytes may come from another mirror or an older file: once, from byte 0
             logger.warning("resumed download of %s has the wrong sha256; downloading it again", url)
             part.unlink()
             _transfer_with_retries(url, part, dest, size=size, retries=retries,
                                    backoff=backoff, timeout=timeout)
             got = file_sha256(part)
-        if sha256 is not None and got != sha256:
+        if accepted is not None and got not in accepted:
             n = _bytes(part)
             what = _describe_wrong_file(part)
             part.unlink()
             raise ModelDownloadError(
-                f"Downloaded {url} ({n} bytes{what}) has sha256 {got}, expected {sha256}; "
+                f"Downloaded {url} ({n} bytes{what}) has sha256 {got}, expected {' or '.join(accepted)}; "
                 "the file was deleted. The server sent a different or corrupted file: "
                 f"try again later, or put the right file at {dest}."
             )

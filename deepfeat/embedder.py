@@ -245,7 +245,8 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         if self.image_size is not None:
             ratio = spec.resize_size / spec.input_size
             spec = replace(spec, input_size=self.image_size, resize_size=round(self.image_size * ratio))
-        sha = spec.sha256 or model_sha256(path)  # external-data weights included
+        # the pinned digest when there is one; else hashed (external-data weights included)
+        sha = spec.sha256 if spec.sha256 and not spec.sha256_also else model_sha256(path)
         layers = spec.default_layer if self.layers is None else self.layers
         summary = model_summary(str(path), sha, spec.input_size)
         _check_input(summary.input_shape, spec.input_size, path)

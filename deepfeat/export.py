@@ -32,7 +32,7 @@ def _require_torch():
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
             "Exporting models needs PyTorch. Install the extra: "
-            "pip install 'deepfeat[export]' (it pins torch==2.13.0)."
+            "pip install 'deepfeat[export]'."
         ) from exc
     return torch
 
@@ -355,7 +355,32 @@ def module_taps(model, input_size: int = 224) -> dict[str, tuple[str, str]]:
             taps["features"] = (name, "input")
             taps["pooled"] = (name, "output")
             break
+    if "pooled" not in taps:
+        taps.update(_dense_head_taps(model, once))
     taps["logits"] = ("", "output")
+    return taps
+
+
+def _dense_head_taps(model, once: list) -> dict[str, tuple[str, str]]:
+    """``pooled`` (and ``fc6``/``fc7``) of a head of Linear layers (AlexNet, VGG): the
+    hidden layers' activations, as :func:`deepfeat.aliases.derive_aliases` finds them
+    in a graph; the last Linear is the classifier."""
+    torch = _require_torch()
+    modules = dict(model.named_modules())
+    linear = [i for i, (n, _, out) in enumerate(once)
+              if isinstance(modules[n], torch.nn.Linear) and out is not None and len(out) == 2]
+    hidden = []
+    for i in linear[:-1]:
+        name, _, out = once[i]
+        nxt = once[i + 1] if i + 1 < len(once) else None
+        if nxt is not None and isinstance(modules[nxt[0]], torch.nn.ReLU) and nxt[2] == out:
+            name = nxt[0]  # the activation, not the pre-activation
+        hidden.append((name, "output"))
+    taps: dict[str, tuple[str, str]] = {}
+    if hidden:
+        taps["pooled"] = hidden[-1]
+    if len(hidden) == 2:
+        taps["fc6"], taps["fc7"] = hidden
     return taps
 
 
@@ -589,11 +614,26 @@ def export_registered(name: str, path: str | os.PathLike) -> Path:
         )
     if spec.exporter.startswith("efficientnet-lite"):
         return export_efficientnet_lite(spec.exporter, path)
+    if spec.exporter.startswith("torchvision:"):
+        model, prep = load_source(spec.exporter)
+        # the registry's preprocessing is what the weights were trained with; the
+        # export must agree with it, or the file would be fed the wrong pixels
+        for key in ("input_size", "resize_size", "interpolation"):
+            if prep[key] != getattr(spec, key):
+                raise ExportCheckError(
+                    f"{spec.exporter} now has {key}={prep[key]!r}, the registry {getattr(spec, key)!r}; "
+                    "torchvision changed the weights' transforms. Export it under another name."
+                )
+        res = export_model(model, path, **prep, description=spec.description, source=spec.exporter)
+        return res.path
     raise ValueError(f"No exporter named {spec.exporter!r} for model {name!r}.")  # pragma: no cover
 
 
 def load_source(source: str, *, pretrained: bool = True):
     """A PyTorch model and its preprocessing from ``torchvision:NAME``, ``timm:NAME`` or ``MODULE:CALLABLE``.
+
+    ``torchvision:NAME@WEIGHTS`` picks weights other than the default
+    (``torchvision:resnet50@IMAGENET1K_V1``).
 
     Returns
     -------
@@ -626,7 +666,18 @@ def load_source(source: str, *, pretrained: bool = True):
                 f"torchvision cannot be imported ({exc}). It must be the build made for the "
                 "installed torch; or export with 'package.module:callable'."
             ) from exc
-        weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
+        name, _, which = name.partition("@")
+        weights = None
+        if pretrained:
+            enum = torchvision.models.get_model_weights(name)
+            try:
+                weights = enum[which] if which else enum.DEFAULT
+            except KeyError:
+                raise ValueError(
+                    f"torchvision has no weights {which!r} for {name}; choose one of "
+                    f"{[w.name for w in enum]} (e.g. torchvision:{name}@{list(enum)[0].name})."
+                ) from None
+        # torchvision checks the downloaded weights against the hash prefix in their file name
         model = torchvision.models.get_model(name, weights=weights)
         if weights is None:
             return model, default

