@@ -209,6 +209,8 @@ def cmd_layers(args) -> int:
 
 
 def cmd_models(args) -> int:
+    import re
+
     import pandas as pd
 
     from .registry import list_models
@@ -222,7 +224,8 @@ def cmd_models(args) -> int:
         "arrives": df["obtain"],
         "on disk": df["offline"].map({True: "yes", False: "no"}),
         # the licences' names (file; weights); list_models() has the whole text
-        "license": [" + ".join(part.split(" (")[0].strip().removeprefix("weights ") for part in str(v).split(";"))
+        "license": [" + ".join(part.strip().removeprefix("weights ")
+                               for part in re.sub(r"\s*\([^)]*\)", "", str(v)).split(";"))
                     for v in df["license"]],
     })
     print(shown.to_string(index=False))
