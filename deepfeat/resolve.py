@@ -98,8 +98,22 @@ def resolve_model(model: str | os.PathLike, **overrides) -> tuple[Path, ModelSpe
         default_layer="output",
     )
     st = path.stat()
-    defaults.update(_recorded_defaults(str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    stamp = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    recorded = _recorded_defaults(*stamp)
+    defaults.update(recorded)
+    if "input_size" not in recorded and "input_size" not in overrides:
+        # a file that fixes its input side (Inception at 299) is measured and fed at that side
+        side = _fixed_input_side(*stamp)
+        if side is not None:
+            defaults.update(input_size=side, resize_size=round(side / 0.875))
     defaults.update(overrides)
+    if not recorded.get("layers"):
+        # a file made by others: the standard aliases from its graph (explicit layers win)
+        try:
+            derived = _derived_layers(str(path), registry.model_sha256(path), int(defaults["input_size"]))
+        except Exception:  # not ONNX, or shapes that cannot be inferred: the fit reports it
+            derived = {}
+        defaults["layers"] = {**derived, **dict(defaults.get("layers") or {})}
     return path, registry.ModelSpec(**defaults)  # type: ignore[arg-type]  # fields checked by the dataclass
 
 
@@ -232,7 +246,24 @@ def _recorded_defaults(path: str, *stamp: int) -> dict:
     return out
 
 
-@lru_cache(maxsize=32)
+@lru_cache(maxsize=64)
+def _fixed_input_side(path: str, *stamp: int) -> int | None:
+    """The square spatial side a file fixes for its image input, if it fixes one."""
+    try:
+        proto = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception:
+        return None
+    inits = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in inits]
+    if not inputs:
+        return None
+    dims = inputs[0].type.tensor_type.shape.dim
+    if len(dims) != 4 or not (dims[2].HasField("dim_value") and dims[3].HasField("dim_value")):
+        return None
+    h, w = dims[2].dim_value, dims[3].dim_value
+    return int(h) if h == w and h >= 8 else None
+
+
 @lru_cache(maxsize=16)
 def _check_trained(path: str, sha256: str, name: str) -> None:
     """Refuse a file whose weights are an initialisation, not a training run.
@@ -289,6 +320,7 @@ def untrained_reason(model: onnx.ModelProto) -> str | None:
     return None
 
 
+@lru_cache(maxsize=32)
 def _derived_layers(path: str, sha256: str, input_size: int) -> dict[str, str]:
     # keyed by the file's hash: a checked file always yields the same aliases
     return derive_aliases(load_onnx(path), input_size)

@@ -67,8 +67,10 @@ def test_static_int8_keeps_tensors_metadata_and_vectors(tiny_model_path, tmp_pat
     assert (spec.input_size, spec.resize_size, spec.default_layer) == (32, 36, "pooled")
     # the quantizer folds each Relu into the uint8 range and names the Conv output "conv1":
     # the aliases of ReLU outputs point to the dequantized tensor instead, the others stay
+    # ("features", which the source file does not name, is derived from its graph)
     assert dict(spec.layers) == {**TINY_LAYERS, "stage1": "conv1_DequantizeLinear_Output",
-                                 "stage2": "conv2_DequantizeLinear_Output"}
+                                 "stage2": "conv2_DequantizeLinear_Output",
+                                 "features": "conv2_DequantizeLinear_Output"}
     x = np.random.default_rng(0).normal(0, 1, (2, 3, 32, 32)).astype(np.float32)
     for alias, tensor in spec.layers.items():
         # every alias is a float tensor that a truncated graph can output
@@ -145,7 +147,7 @@ def test_float16_keeps_tensors_metadata_io_types_and_vectors(tiny_model_path, tm
     assert proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert set(TINY_LAYERS.values()) <= {o for n in proto.graph.node for o in n.output}
     record = json.loads({p.key: p.value for p in proto.metadata_props}[METADATA_KEY])
-    assert record["precision"] == "float16" and record["layers"] == TINY_LAYERS
+    assert record["precision"] == "float16" and record["layers"] == {**TINY_LAYERS, "features": "conv2"}  # features: derived
     # the file needs no preprocessing argument, and its vectors come back float32 and close to fp32's
     ref = _embed(tiny_model_path, eval_images, preprocessing=TINY_PREPROCESSING)
     half = _embed(out, eval_images)

@@ -108,9 +108,12 @@ def test_select_layer_errors(tiny_model_path, photo_folder):
         select_layer(paths, y[:-1], model=str(tiny_model_path), embedder_params=PARAMS)
     with pytest.raises(ValueError, match="must not set 'pooling'"):
         select_layer(paths, y, model=str(tiny_model_path), embedder_params={**PARAMS, "pooling": "max"})
-    # an unregistered file without aliases: say how to name candidates
-    with pytest.raises(ValueError, match="no layer aliases.*list_layers"):
-        select_layer(paths, y, model=str(tiny_model_path))
+    # an unregistered file without recorded aliases gets them from its graph, so there are candidates
+    from deepfeat.resolve import resolve_model
+
+    from .conftest import TINY_LAYERS
+
+    assert dict(resolve_model(str(tiny_model_path))[1].layers) == {**TINY_LAYERS, "features": "conv2"}
 
 
 def test_default_candidates_of_the_shipped_model_are_distinct_tensors():
