@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import os
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
@@ -183,6 +185,14 @@ def tensor_shapes(model: onnx.ModelProto, input_size: int | None = None) -> dict
     return {name: ("batch",) + tuple(v.shape[1:]) for name, v in zip(candidates, values)}
 
 
+def _alias_rank(alias: str) -> tuple:
+    from .aliases import STANDARD_ALIASES
+
+    if alias in STANDARD_ALIASES:
+        return (0, STANDARD_ALIASES.index(alias), alias)
+    return (2 if alias.startswith("block") else 1, 0, alias)
+
+
 def layer_table(
     model: onnx.ModelProto,
     aliases: Mapping[str, str] | None = None,
@@ -217,8 +227,9 @@ def layer_table(
             if shape is None or len(shape) not in _FEATURE_RANKS:
                 continue
             names = by_tensor.get(out, [])
-            # prefer the stage-level alias when a tensor has several
-            names = sorted(names, key=lambda a: (a.startswith("block"), a))
+            # a tensor with several aliases shows the standard one first (stage5 before
+            # features, pooled before fc7), per-block names last; the rest go to "also"
+            names = sorted(names, key=_alias_rank)
             spatial = shape[2] if len(shape) == 4 else None
             rows.append(
                 {
@@ -227,10 +238,13 @@ def layer_table(
                     "op_type": node.op_type,
                     "shape": shape,
                     "channels": shape[1],
-                    "reduction": (input_size // spatial) if isinstance(spatial, int) and spatial else None,
+                    # the stride: 299 px in, 17 px out is stage 4's 16, as the alias rules count it
+                    "reduction": (2 ** round(math.log2(input_size / spatial))
+                                  if isinstance(spatial, int) and spatial else None),
+                    "also": ",".join(names[1:]),
                 }
             )
-    df = pd.DataFrame(rows, columns=["name", "alias", "op_type", "shape", "channels", "reduction"])
+    df = pd.DataFrame(rows, columns=["name", "alias", "op_type", "shape", "channels", "reduction", "also"])
     df["reduction"] = df["reduction"].astype("Int64")
     if aliases_only:
         df = df[df["alias"].notna()].reset_index(drop=True)
@@ -365,3 +379,27 @@ def _prune_inputs_and_free_batch(og, g, needed: set) -> None:
             d = vi.type.tensor_type.shape.dim
             if len(d) >= 2 and d[0].dim_value == 1:
                 d[0].dim_param = "batch"  # clears dim_value (a oneof)
+        _free_reshape_batch(og)
+
+
+def _free_reshape_batch(og) -> None:
+    """A batch-1 file may flatten with a constant shape ``(1, -1)`` (Caffe2's AlexNet):
+    its leading 1 becomes 0, "copy the input's dim", so the batch passes through."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in og.initializer}
+    for node in og.node:
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        shape = numpy_helper.to_array(inits[node.input[1]])
+        if shape.ndim != 1 or len(shape) < 2 or shape[0] != 1:
+            continue
+        freed = shape.copy()
+        freed[0] = 0
+        name = node.input[1] + "__batch_free"
+        if name not in inits:
+            inits[name] = numpy_helper.from_array(freed, name)
+            og.initializer.append(inits[name])
+            if any(i.name == node.input[1] for i in og.input):  # IR 3: weights are inputs too
+                og.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, [len(freed)]))
+        node.input[1] = name

@@ -203,8 +203,9 @@ def list_layers(
     -------
     pandas.DataFrame
         Columns ``name`` (tensor), ``alias``, ``op_type``, ``shape`` (batch
-        first), ``channels``, ``reduction`` (input side / feature-map side), in
-        graph order.
+        first), ``channels``, ``reduction`` (the stride: input side / map side,
+        rounded to a power of two) and ``also`` (further aliases of the same
+        tensor, e.g. ``features`` beside ``stage5``), in graph order.
 
     Examples
     --------

@@ -1,0 +1,162 @@
+"""The registered third-party backbones (ResNet-50, Inception-v3, VGG-16, AlexNet) on graphs of
+the same architecture built here (tests/zoo_archs.py): standard aliases at the right strides,
+registered preprocessing wired through, and the untrained-weights guard."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from deepfeat import registry
+from deepfeat.aliases import derive_aliases
+from deepfeat.cli import main
+from deepfeat.registry import ModelFileError, get_model_spec
+from deepfeat.resolve import list_layers, resolve_model, untrained_reason
+
+from .zoo_archs import ARCHITECTURES, torchvision_resnet50
+
+REDUCTION = {"stage1": 2, "stage2": 4, "stage3": 8, "stage4": 16, "stage5": 32}
+
+
+def _side(model) -> int:
+    return model.graph.input[0].type.tensor_type.shape.dim[2].dim_value
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_graph_rules_find_the_standard_aliases(name):
+    build, expected = ARCHITECTURES[name]
+    model = build()
+    assert derive_aliases(model, _side(model)) == expected
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_deepfeat_layers_shows_the_aliases_at_their_strides(name, tmp_path, capsys):
+    build, expected = ARCHITECTURES[name]
+    path = tmp_path / f"{name}.onnx"
+    path.write_bytes(build().SerializeToString())
+    assert main(["layers", str(path)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[1]: line for line in out.splitlines()[1:]}  # first alias of each tensor
+    shown = {a for line in rows.values() for a in [line.split()[1]] + line.split()[-1].split(",") if a in expected}
+    assert shown == set(expected)
+    df = list_layers(str(path), aliases_only=True)
+    table = {a: row for _, row in df.iterrows() for a in [row["alias"], *filter(None, row["also"].split(","))]}
+    assert {a: table[a]["name"] for a in expected} == expected
+    for alias, stride in REDUCTION.items():
+        if alias in expected:
+            assert table[alias]["reduction"] == stride, (alias, table[alias])
+    # the fixed input side is the one measured: Inception's stage5 is 8x8 at 299
+    if name == "inception_v3":
+        assert re.search(r"Mixed_7c\s+stage5\s+Concat\s+\(batch, 256, 8, 8\)\s+256\s+32\s+features", out)
+
+
+@pytest.fixture
+def registered_file(tmp_path, monkeypatch):
+    """Put a built graph where the registry looks for ``name``'s file, pinned by its own sha256."""
+    monkeypatch.setenv("DEEPFEAT_MODELS", str(tmp_path))
+
+    def put(name, model):
+        spec = get_model_spec(name)
+        data = model.SerializeToString()
+        (tmp_path / spec.filename).write_bytes(data)
+        sha = hashlib.sha256(data).hexdigest()
+        monkeypatch.setitem(registry._REGISTRY, name, replace(spec, sha256=sha, sha256_also=(), urls=()))
+        return tmp_path / spec.filename
+
+    return put
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_registered_spec_embeds_with_its_preprocessing(name, registered_file):
+    from deepfeat import ImageEmbedder
+
+    build, expected = ARCHITECTURES[name]
+    registered_file(name, build())
+    _, spec = resolve_model(name)
+    assert {a: spec.layers[a] for a in expected} == expected
+    images = np.random.default_rng(0).integers(0, 255, (3, 90, 120, 3), dtype=np.uint8)
+    emb = ImageEmbedder(model=name, layers=["stage3", "pooled"], batch_size=2, progress=False).fit(images)
+    X = emb.transform(images)
+    assert X.shape[0] == 3 and np.isfinite(X).all()
+    assert emb.spec_.input_size == spec.input_size
+
+
+def test_registered_preprocessing_comes_from_each_weights_source():
+    inc = get_model_spec("inception_v3")
+    # timm's inception_v3.tv_in1k config: 299, crop_pct 0.875, bicubic, mean = std = 0.5
+    assert (inc.input_size, inc.resize_size, inc.interpolation) == (299, 341, "bicubic")
+    assert inc.mean == inc.std == (127.5, 127.5, 127.5)
+    r50 = get_model_spec("resnet50")
+    # torchvision ResNet50_Weights.IMAGENET1K_V2: resize 232, crop 224, ImageNet statistics
+    assert (r50.input_size, r50.resize_size, r50.mean, r50.std) == (
+        224, 232, registry.IMAGENET_MEAN, registry.IMAGENET_STD)
+    alex = get_model_spec("alexnet")
+    assert alex.channel_order == "BGR" and alex.std == (1.0, 1.0, 1.0)
+    assert get_model_spec("vgg16").mean == registry.IMAGENET_MEAN
+    for name in ("resnet50", "inception_v3", "vgg16", "alexnet", "resnet50_v2", "mobilenetv2", "densenet121"):
+        spec = get_model_spec(name)
+        assert spec.urls[0].startswith("https://huggingface.co/onnxmodelzoo/"), name
+        assert spec.urls[-1].startswith("https://github.com/onnx/models/raw/main/"), name
+        assert len(set(spec.urls)) == len(spec.urls) == 3
+        assert all(re.fullmatch(r"[0-9a-f]{64}", d) for d in spec.accepted_sha256)
+        assert spec.pooled_dim in (1024, 1280, 2048, 4096) and spec.size_bytes > 10_000_000
+
+
+def test_a_published_file_with_untrained_weights_is_refused(registered_file):
+    registered_file("resnet50", torchvision_resnet50(trained=False))
+    with pytest.raises(ModelFileError, match=r"untrained weights \(all 53 convolution biases are exactly 0\)"):
+        resolve_model("resnet50")
+
+
+def test_a_trained_looking_file_passes_the_guard(registered_file):
+    path = registered_file("resnet50", torchvision_resnet50(trained=True))
+    assert resolve_model("resnet50")[0] == path
+
+
+def test_untrained_reason_reads_batch_norms_too():
+    from onnx import TensorProto, helper, numpy_helper
+
+    def bn_model(mean):
+        c = 4
+        inits = [numpy_helper.from_array(np.ones((c, 3, 3, 3), np.float32), "w"),
+                 numpy_helper.from_array(np.ones(c, np.float32), "scale"),
+                 numpy_helper.from_array(np.zeros(c, np.float32), "shift"),
+                 numpy_helper.from_array(np.full(c, mean, np.float32), "mean"),
+                 numpy_helper.from_array(np.ones(c, np.float32), "var")]
+        nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3]),
+                 helper.make_node("BatchNormalization", ["c", "scale", "shift", "mean", "var"], ["y"])]
+        g = helper.make_graph(nodes, "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 6, 6])], inits)
+        return helper.make_model(g)
+
+    assert "batch norms hold their initial values" in untrained_reason(bn_model(0.0))
+    assert untrained_reason(bn_model(0.3)) is None
+
+
+def test_batch_one_file_flattening_with_a_constant_shape_runs_any_batch(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from deepfeat import ImageEmbedder
+
+    # IR 3 style (weights listed as inputs), batch fixed to 1, Reshape to (1, -1) as Caffe2 writes it
+    inits = [numpy_helper.from_array(np.full((4, 3, 3, 3), 0.1, np.float32), "w"),
+             numpy_helper.from_array(np.array([1, -1], np.int64), "shape")]
+    nodes = [helper.make_node("Conv", ["data_0", "w"], ["c"], kernel_shape=[3, 3], strides=[2, 2]),
+             helper.make_node("Reshape", ["c", "shape"], ["flat"])]
+    inputs = [helper.make_tensor_value_info("data_0", TensorProto.FLOAT, [1, 3, 16, 16])]
+    inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]
+    g = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("flat", TensorProto.FLOAT, [1, 196])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 7)])
+    m.ir_version = 3
+    path = tmp_path / "b1.onnx"
+    path.write_bytes(m.SerializeToString())
+    images = np.random.default_rng(0).integers(0, 255, (5, 20, 20, 3), dtype=np.uint8)
+    emb = ImageEmbedder(model=str(path), layers="flat", preprocessing={"input_size": 16, "resize_size": 16},
+                        batch_size=4, progress=False)
+    X = emb.fit(images).transform(images)
+    one = np.vstack([emb.transform(images[i:i + 1]) for i in range(5)])
+    assert X.shape == (5, 196) and np.allclose(X, one, atol=1e-5)
