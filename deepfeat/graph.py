@@ -55,10 +55,40 @@ def load_onnx(path: str | os.PathLike, data: bytes | None = None) -> onnx.ModelP
     return model
 
 
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without its large weights, for shape inference: each big float
+    initializer becomes a graph input of the same type and shape. Small ones
+    stay, since shape inference reads their values (a Reshape's target shape).
+    Copying and serialising 550 MB of VGG weights is what made inference slow."""
+    g = model.graph
+    small = [t for t in g.initializer if t.data_type not in _FLOAT_TYPES or _numel(t) <= 64]
+    big = [t for t in g.initializer if not (t.data_type not in _FLOAT_TYPES or _numel(t) <= 64)]
+    listed = {i.name for i in g.input}
+    skel = onnx.GraphProto(name=g.name)
+    skel.node.extend(g.node)
+    skel.input.extend(g.input)
+    skel.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                      for t in big if t.name not in listed)
+    skel.output.extend(g.output)
+    skel.value_info.extend(g.value_info)
+    skel.initializer.extend(small)
+    m = onnx.ModelProto(ir_version=max(model.ir_version, 4))
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
+    m.graph.CopyFrom(skel)
+    return m
+
+
+def _numel(t) -> int:
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n
+
+
 def _with_input_size(model: onnx.ModelProto, input_size: int | None) -> onnx.ModelProto:
-    """Shape-inferred copy with the spatial input dims fixed (batch stays symbolic)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    """Shape-inferred copy (weights left out) with the spatial input dims fixed (batch stays symbolic)."""
+    m = _skeleton(model)
     if input_size is not None:
         dims = m.graph.input[0].type.tensor_type.shape.dim
         if len(dims) == 4:
@@ -170,6 +200,11 @@ def tensor_shapes(model: onnx.ModelProto, input_size: int | None = None) -> dict
     ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in list(g.value_info) + list(g.output)}
     floats = {vi.name for vi in list(g.value_info) + list(g.output) if vi.type.tensor_type.elem_type in _FLOAT_TYPES}
     candidates = [o for n in g.node for o in n.output if ranks.get(o) in _FEATURE_RANKS and o in floats]
+    known = {vi.name: tuple(d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim)
+             for vi in list(g.value_info) + list(g.output)}
+    if input_size is not None and all(None not in known[c][1:] for c in candidates):
+        # inference knew every shape: no need to run the network
+        return {c: ("batch",) + known[c][1:] for c in candidates}
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.output[:]

@@ -388,8 +388,9 @@ def list_models() -> pd.DataFrame:
     --------
     >>> from deepfeat import list_models
     >>> df = list_models().set_index("name")
-    >>> df.loc["efficientnet_lite0", ["input_size", "pooled_dim", "obtain"]].tolist()
-    [224, 1280, 'shipped']
+    >>> row = df.loc["efficientnet_lite0"]
+    >>> int(row["input_size"]), int(row["pooled_dim"]), row["obtain"]
+    (224, 1280, 'shipped')
     """
     rows = []
     for spec in _REGISTRY.values():

@@ -14,7 +14,7 @@ from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import onnx
@@ -87,7 +87,7 @@ def resolve_model(model: str | os.PathLike, **overrides) -> tuple[Path, ModelSpe
             f"Model {name!r} is neither a registered name ({sorted(registry._REGISTRY)}) "
             "nor an existing .onnx file."
         )
-    defaults = dict(
+    defaults: dict[str, Any] = dict(
         name=str(path),
         filename=path.name,
         sha256=None,
