@@ -114,7 +114,7 @@ def resolve_model(model: str | os.PathLike, **overrides) -> tuple[Path, ModelSpe
         except Exception:  # not ONNX, or shapes that cannot be inferred: the fit reports it
             derived = {}
         defaults["layers"] = {**derived, **dict(defaults.get("layers") or {})}
-    return path, registry.ModelSpec(**defaults)  # type: ignore[arg-type]  # fields checked by the dataclass
+    return path, registry.ModelSpec(**defaults)
 
 
 def check_preprocessing(preprocessing: Mapping | None) -> dict:
