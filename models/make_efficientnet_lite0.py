@@ -73,8 +73,14 @@ def main() -> int:
     if not args.check_only:
         target = Path(tempfile.mkdtemp()) / "efficientnet_lite0.onnx"
         export_efficientnet_lite("efficientnet-lite0", target)
-        same = file_sha256(target) == file_sha256(committed)
-        print(f"re-exported sha256 {file_sha256(target)} {'==' if same else '!='} committed {file_sha256(committed)}")
+        import onnx
+
+        # the committed file predates the fixed producer_version (it says torch's "2.13.0")
+        shipped = onnx.load(str(committed))
+        shipped.producer_version = onnx.load(str(target)).producer_version
+        same = shipped.SerializeToString() == target.read_bytes()
+        print(f"re-exported sha256 {file_sha256(target)}: {'the same graph, weights and metadata as' if same else 'DIFFERS from'} "
+              f"the committed file (sha256 {file_sha256(committed)}) apart from producer_version")
         ok &= same
     res = verify(target)
     print(res)

@@ -2,7 +2,7 @@
 
 RANDOM WEIGHTS: these tests have no model hub. The ResNet-18 below is built
 with random weights. It is not imported from torchvision: torchvision's C
-extension does not load beside the CPU build of torch 2.13.0 pinned here
+extension does not load beside the CPU build of torch 2.13.0 on these machines
 ("operator torchvision::nms does not exist"), so the test defines the network
 with torchvision's architecture and module names (conv1, bn1, relu, maxpool,
 layer1..layer4, avgpool, fc, and torchvision's initialisation). It was checked
@@ -254,7 +254,7 @@ def test_lite_exports_on_demand_and_reproduce_the_registered_sha256(name, tmp_pa
 def test_hub_resnet18_export_through_the_cli(package, tmp_path, capsys):
     """The real torchvision:/timm: paths, where they import (torch 2.14.1 + torchvision 0.29.1 + timm, say).
 
-    Beside the pinned torch==2.13.0 CPU build torchvision (and so timm) does not import: these skip there.
+    Beside the torch==2.13.0 CPU build on these machines torchvision (and so timm) does not import: these skip there.
     """
     pytest.importorskip(package)
     from deepfeat import ImageEmbedder
@@ -269,3 +269,30 @@ def test_hub_resnet18_export_through_the_cli(package, tmp_path, capsys):
     emb = ImageEmbedder(model=str(out), layers=["stage3", "pooled"], progress=False).fit()
     x = emb.transform([np.full((240, 320, 3), 128, np.uint8)])
     assert x.shape == (1, 128 + 512) and np.isfinite(x).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, size, expected", [
+    # AlexNet has no stride-2 map (conv1 has stride 4); its head gives pooled = fc7
+    ("alexnet", 224, {"stage2": 64, "stage3": 192, "stage4": 256, "stage5": 256, "features": 256,
+                      "pooled": 4096, "fc6": 4096, "fc7": 4096, "logits": 1000}),
+    ("inception_v3", 299, {"stage1": 64, "stage2": 192, "stage3": 288, "stage4": 768, "stage5": 2048,
+                           "features": 2048, "pooled": 2048, "logits": 1000}),
+])
+def test_torchvision_backbones_export_with_the_standard_aliases(name, size, expected, tmp_path):
+    """The architectures of the registered AlexNet and Inception-v3, from torchvision with random
+    weights: every alias at its stride and width, checked against PyTorch by the exporter."""
+    pytest.importorskip("torchvision")
+    from deepfeat.cli import main
+    from deepfeat.resolve import list_layers
+
+    torch.manual_seed(0)
+    out = tmp_path / f"{name}.onnx"
+    assert main(["export", f"torchvision:{name}", "--random-weights", "--input-size", str(size),
+                 "-o", str(out)]) == 0
+    df = list_layers(str(out), aliases_only=True)
+    table = {a: row for _, row in df.iterrows() for a in [row["alias"], *filter(None, row["also"].split(","))]}
+    assert {a: int(table[a]["channels"]) for a in expected} == expected
+    strides = {f"stage{k}": 2**k for k in range(1, 6)}
+    assert {a: int(table[a]["reduction"]) for a in expected if a in strides} == {
+        a: s for a, s in strides.items() if a in expected}

@@ -29,6 +29,14 @@ def test_shipped_lite0_matches_pytorch_on_real_photos():
 
 
 def test_export_reproduces_the_shipped_file(tmp_path):
+    import onnx
+
     mod = _script()
     out = mod.export_efficientnet_lite("efficientnet-lite0", tmp_path / "lite0.onnx")
-    assert mod.file_sha256(out) == mod.file_sha256(REPO / "models" / "efficientnet_lite0.onnx")
+    # the shipped file predates the fixed producer_version (it says torch's "2.13.0");
+    # every other byte must come out again, with any torch the export extra allows
+    shipped = onnx.load(str(REPO / "models" / "efficientnet_lite0.onnx"))
+    made = onnx.load(str(out))
+    assert made.producer_version == "1" and shipped.producer_version == "2.13.0"
+    shipped.producer_version = made.producer_version
+    assert shipped.SerializeToString() == out.read_bytes()
