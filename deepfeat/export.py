@@ -619,18 +619,6 @@ def export_registered(name: str, path: str | os.PathLike) -> Path:
         )
     if spec.exporter.startswith("efficientnet-lite"):
         return export_efficientnet_lite(spec.exporter, path)
-    if spec.exporter.startswith("torchvision:"):
-        model, prep = load_source(spec.exporter)
-        # the registry's preprocessing is what the weights were trained with; the
-        # export must agree with it, or the file would be fed the wrong pixels
-        for key in ("input_size", "resize_size", "interpolation"):
-            if prep[key] != getattr(spec, key):
-                raise ExportCheckError(
-                    f"{spec.exporter} now has {key}={prep[key]!r}, the registry {getattr(spec, key)!r}; "
-                    "torchvision changed the weights' transforms. Export it under another name."
-                )
-        res = export_model(model, path, **prep, description=spec.description, source=spec.exporter)
-        return res.path
     raise ValueError(f"No exporter named {spec.exporter!r} for model {name!r}.")  # pragma: no cover
 
 
