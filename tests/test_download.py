@@ -250,9 +250,18 @@ def test_models_lists_every_entry_with_size_input_license_offline(capsys):
         spec = registry.get_model_spec(name)
         assert spec.url.startswith("https://huggingface.co/onnxmodelzoo/")
         assert len(spec.sha256) == 64 and spec.size_bytes > 10_000_000
+    assert df["pooled_dim"].notna().all()
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in registry._REGISTRY)
+    lines = out.splitlines()
+    assert lines[0].split() == ["name", "input", "pooled", "MB", "arrives", "on", "disk", "license"]
+    assert max(len(line) for line in lines) <= 100
+    rows = {line.split()[0]: line.split() for line in lines[1:-1]}
+    assert rows["efficientnet_lite0"][1:6] == ["224", "1280", "18.6", "shipped", "yes"]
+    assert rows["inception_v3"][1:5] == ["299", "2048", "95.3", "download"]
+    assert rows["efficientnet_lite1"][4] == "export" and rows["alexnet"][-1] == "BSD-3-Clause"
+    assert rows["resnet50"][-3:] == ["Apache-2.0", "+", "BSD-3-Clause"]
 
 
 # --- mirrors ---------------------------------------------------------------------------------------
