@@ -154,8 +154,14 @@ def _dense_head(after: list[str], op_of: dict, inputs_of: dict, consumers: dict,
                 dense.append(t)
     hidden = []
     for t in dense[:-1]:
-        users = consumers.get(t, ())
-        act = users[0].output[0] if len(users) == 1 and users[0].op_type == "Relu" else t
+        act, cur = t, t
+        # the activation may follow a Dropout (an identity at inference)
+        while len(consumers.get(cur, ())) == 1 and consumers[cur][0].op_type in ("Dropout", "Identity", "Relu"):
+            op = consumers[cur][0]
+            cur = op.output[0]
+            if op.op_type == "Relu":
+                act = cur
+                break
         hidden.append(act)
     found: dict[str, str] = {}
     if hidden:

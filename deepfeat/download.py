@@ -112,7 +112,9 @@ def _from_mirrors(spec: ModelSpec, dest: Path, *, retries: int, backoff: float, 
     offline = True
     for i, url in enumerate(spec.urls):
         try:
-            return download_file(url, dest, sha256=spec.accepted_sha256 or None, size=spec.size_bytes,
+            # size_bytes is the primary file's; an alternate upload may have another size
+            size = spec.size_bytes if not spec.sha256_also else None
+            return download_file(url, dest, sha256=spec.accepted_sha256 or None, size=size,
                                  retries=retries, backoff=backoff, timeout=timeout)
         except ModelDownloadError as exc:
             offline = offline and isinstance(exc, NoNetworkError)
@@ -120,11 +122,12 @@ def _from_mirrors(spec: ModelSpec, dest: Path, *, retries: int, backoff: float, 
             if i + 1 < len(spec.urls):
                 logger.warning("mirror %d of %d for %s failed (%s); trying %s",
                                i + 1, len(spec.urls), spec.name, exc, spec.urls[i + 1])
-    size = f"{spec.size_bytes} bytes, " if spec.size_bytes else ""
+    pinned = ", ".join(([f"{spec.size_bytes} bytes"] if spec.size_bytes else [])
+                       + ([f"sha256 {spec.sha256}"] if spec.sha256 else []))
     message = (
         f"Could not download model {spec.name!r} ({spec.filename}) from any of its "
         f"{len(spec.urls)} mirror(s):\n" + "\n".join(tried) + "\n"
-        f"To place it by hand: download {spec.filename} ({size}sha256 {spec.sha256}) "
+        f"To place it by hand: download {spec.filename}{f' ({pinned})' if pinned else ''} "
         f"from one of the addresses above on a machine that can reach it, then put it in "
         f"{dest.parent} or in a folder named by the environment variable DEEPFEAT_MODELS "
         f"(e.g. DEEPFEAT_MODELS=/data/models); deepfeat checks its sha256 before use."

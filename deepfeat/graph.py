@@ -69,14 +69,38 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     skel.input.extend(g.input)
     skel.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
                       for t in big if t.name not in listed)
-    skel.output.extend(g.output)
-    skel.value_info.extend(g.value_info)
+    # the file's own value_info and output shapes may be stale (written for another input
+    # size): inference starts from the input alone
+    skel.output.extend(onnx.helper.make_tensor_value_info(o.name, o.type.tensor_type.elem_type, None)
+                       for o in g.output)
     skel.initializer.extend(small)
     m = onnx.ModelProto(ir_version=max(model.ir_version, 4))
     m.opset_import.extend(model.opset_import)
     m.functions.extend(model.functions)
     m.graph.CopyFrom(skel)
     return m
+
+
+def _inference_exact(model: onnx.ModelProto, input_size: int) -> bool:
+    """Whether ONNX shape inference can stand in for a probe run at ``input_size``.
+
+    Not when the file fixes another input side (ONNX Runtime would refuse to run
+    it, and the shapes would be invented), nor for pools with ``ceil_mode`` and
+    padding, where inference and ONNX Runtime disagree on the last window.
+    """
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    data = [i for i in g.input if i.name not in inits]
+    if data:
+        dims = data[0].type.tensor_type.shape.dim
+        if len(dims) == 4 and any(d.HasField("dim_value") and d.dim_value != input_size for d in dims[2:]):
+            return False
+    for n in g.node:
+        if n.op_type in ("MaxPool", "AveragePool", "LpPool"):
+            attrs = {a.name: a for a in n.attribute}
+            if "ceil_mode" in attrs and attrs["ceil_mode"].i and "pads" in attrs and any(attrs["pads"].ints):
+                return False
+    return True
 
 
 def _numel(t) -> int:
@@ -202,7 +226,8 @@ def tensor_shapes(model: onnx.ModelProto, input_size: int | None = None) -> dict
     candidates = [o for n in g.node for o in n.output if ranks.get(o) in _FEATURE_RANKS and o in floats]
     known = {vi.name: tuple(d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim)
              for vi in list(g.value_info) + list(g.output)}
-    if input_size is not None and all(None not in known[c][1:] for c in candidates):
+    if input_size is not None and _inference_exact(model, input_size) and all(
+            None not in known[c][1:] for c in candidates):
         # inference knew every shape: no need to run the network
         return {c: ("batch",) + known[c][1:] for c in candidates}
     probe = onnx.ModelProto()
@@ -275,7 +300,7 @@ def layer_table(
                     "channels": shape[1],
                     # the stride: 299 px in, 17 px out is stage 4's 16, as the alias rules count it
                     "reduction": (2 ** round(math.log2(input_size / spatial))
-                                  if isinstance(spatial, int) and spatial else None),
+                                  if isinstance(spatial, int) and 0 < spatial <= input_size else None),
                     "also": ",".join(names[1:]),
                 }
             )
@@ -419,12 +444,21 @@ def _prune_inputs_and_free_batch(og, g, needed: set) -> None:
 
 def _free_reshape_batch(og) -> None:
     """A batch-1 file may flatten with a constant shape ``(1, -1)`` (Caffe2's AlexNet):
-    its leading 1 becomes 0, "copy the input's dim", so the batch passes through."""
+    its leading 1 becomes 0, "copy the input's dim", so the batch passes through.
+    Only for a Reshape of a tensor computed from the image (whose first dim is the
+    batch); a Reshape of weights (a mean to ``(1, 3, 1, 1)``) keeps its shape."""
     from onnx import numpy_helper
 
     inits = {t.name: t for t in og.initializer}
+    image = [i.name for i in og.input if i.name not in inits][:1]
+    from_image = set(image)
+    for node in og.node:  # nodes are in topological order
+        if any(i in from_image for i in node.input):
+            from_image.update(node.output)
     for node in og.node:
         if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        if node.input[0] not in from_image or any(a.name == "allowzero" and a.i for a in node.attribute):
             continue
         shape = numpy_helper.to_array(inits[node.input[1]])
         if shape.ndim != 1 or len(shape) < 2 or shape[0] != 1:

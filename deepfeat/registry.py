@@ -177,10 +177,15 @@ def _zoo_mirrors(zoo_path: str) -> tuple[str, ...]:
 
 
 def _turnkey_mirrors(folder: str, filename: str) -> tuple[str, ...]:
-    """Mirrors of a ``Computer_Vision/<folder>/<filename>`` export (the zoo's 2024 models)."""
+    """Mirrors of a ``Computer_Vision/<folder>/<filename>`` export (the zoo's 2024 models).
+
+    Public code names the per-model repositories' file both ways (``<filename>``
+    and ``<folder>.onnx``); nothing here can check which, so both are tried.
+    """
     return (
-        f"{_HF}{folder}/resolve/main/{folder}.onnx",
         f"{_HF_LEGACY}Computer_Vision/{folder}/{filename}",
+        f"{_HF}{folder}/resolve/main/{filename}",
+        f"{_HF}{folder}/resolve/main/{folder}.onnx",
         f"{_GITHUB}Computer_Vision/{folder}/{filename}",
     )
 

@@ -109,10 +109,7 @@ def resolve_model(model: str | os.PathLike, **overrides) -> tuple[Path, ModelSpe
     defaults.update(overrides)
     if not recorded.get("layers"):
         # a file made by others: the standard aliases from its graph (explicit layers win)
-        try:
-            derived = _derived_layers(str(path), registry.model_sha256(path), int(defaults["input_size"]))
-        except Exception:  # not ONNX, or shapes that cannot be inferred: the fit reports it
-            derived = {}
+        derived = _derived_or_nothing(*stamp, int(defaults["input_size"]))
         defaults["layers"] = {**derived, **dict(defaults.get("layers") or {})}
     return path, registry.ModelSpec(**defaults)
 
@@ -245,6 +242,18 @@ def _recorded_defaults(path: str, *stamp: int) -> dict:
         if k in out:
             out[k] = tuple(float(v) for v in out[k])
     return out
+
+
+@lru_cache(maxsize=64)
+def _derived_or_nothing(path: str, *stamp_and_size: int) -> dict[str, str]:
+    """Derived aliases of a file made by others, or none when they cannot be derived
+    (not ONNX, shapes that cannot be found: the fit reports those). Memoised by stat,
+    failures included, so a grid search does not retry a failing derivation per fit."""
+    *_, input_size = stamp_and_size
+    try:
+        return _derived_layers(path, registry.model_sha256(path), input_size)
+    except Exception:
+        return {}
 
 
 @lru_cache(maxsize=64)

@@ -340,3 +340,11 @@ def test_old_pickled_spec_with_one_url_still_loads():
     assert pickle.loads(pickle.dumps(old)) == old
     with pytest.raises(TypeError, match="sequence of URLs"):
         ModelSpec(name="x", filename="x.onnx", sha256=None, input_size=224, resize_size=256, urls="http://a/b")
+
+
+def test_an_accepted_alternate_digest_of_another_size_downloads_through_drops(server, tmp_path):
+    # the registry pins the primary upload's size; the mirror serves the other published upload
+    spec = _spec(server.url + "/drop.onnx", sha="0" * 64, sha256_also=(SHA,))
+    spec = ModelSpec(**{**{k: getattr(spec, k) for k in spec.__dataclass_fields__},
+                        "size_bytes": int(len(MODEL) * 0.4), "layers": {}})
+    assert fetch_model(spec, dest_dir=tmp_path, backoff=0).read_bytes() == MODEL

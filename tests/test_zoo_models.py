@@ -101,7 +101,7 @@ def test_registered_preprocessing_comes_from_each_weights_source():
         spec = get_model_spec(name)
         assert spec.urls[0].startswith("https://huggingface.co/onnxmodelzoo/"), name
         assert spec.urls[-1].startswith("https://github.com/onnx/models/raw/main/"), name
-        assert len(set(spec.urls)) == len(spec.urls) == 3
+        assert len(set(spec.urls)) == len(spec.urls) == (4 if spec.check_trained else 3)
         assert all(re.fullmatch(r"[0-9a-f]{64}", d) for d in spec.accepted_sha256)
         assert spec.pooled_dim in (1024, 1280, 2048, 4096) and spec.size_bytes > 10_000_000
 
@@ -160,3 +160,81 @@ def test_batch_one_file_flattening_with_a_constant_shape_runs_any_batch(tmp_path
     X = emb.fit(images).transform(images)
     one = np.vstack([emb.transform(images[i:i + 1]) for i in range(5)])
     assert X.shape == (5, 196) and np.allclose(X, one, atol=1e-5)
+
+
+def _tiny(nodes, inits, inp, out, opset=13, rank=4):
+    from onnx import TensorProto, helper
+
+    out_shape = [f"d{i}" for i in range(rank)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, inp)],
+                          [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_batch_one_file_keeps_reshapes_of_weights_and_allowzero(tmp_path):
+    from onnx import helper, numpy_helper
+
+    from deepfeat import ImageEmbedder
+
+    # normalisation inside the graph: a (3,) mean reshaped to (1, 3, 1, 1) is not the batch
+    inits = [numpy_helper.from_array(np.array([0.4, 0.5, 0.6], np.float32), "mean"),
+             numpy_helper.from_array(np.array([1, 3, 1, 1], np.int64), "bshape"),
+             numpy_helper.from_array(np.full((4, 3, 3, 3), 0.1, np.float32), "w"),
+             numpy_helper.from_array(np.array([1, -1], np.int64), "flat_shape")]
+    nodes = [helper.make_node("Reshape", ["mean", "bshape"], ["m4"]),
+             helper.make_node("Sub", ["x", "m4"], ["xn"]),
+             helper.make_node("Conv", ["xn", "w"], ["c"], kernel_shape=[3, 3], strides=[2, 2]),
+             helper.make_node("Reshape", ["c", "flat_shape"], ["flat"], allowzero=1)]
+    path = tmp_path / "norm.onnx"
+    path.write_bytes(_tiny(nodes, inits, [1, 3, 16, 16], "flat", opset=14, rank=2).SerializeToString())
+    images = np.random.default_rng(0).integers(0, 255, (3, 20, 20, 3), dtype=np.uint8)
+    emb = ImageEmbedder(model=str(path), layers="c", preprocessing={"input_size": 16, "resize_size": 16},
+                        batch_size=2, progress=False)
+    assert emb.fit(images).transform(images).shape == (3, 4)  # the weights' Reshape ran untouched
+    from deepfeat.graph import truncate
+
+    cut = truncate(_tiny(nodes, inits, [1, 3, 16, 16], "flat", opset=14, rank=2), ["flat"])
+    flat = next(n for n in cut.graph.node if n.output[0] == "flat")
+    assert flat.input[1] == "flat_shape"  # allowzero=1: a 0 would mean an empty dim, so it is left alone
+
+
+def test_layer_table_of_a_map_larger_than_the_input():
+    from onnx import helper, numpy_helper
+
+    from deepfeat.graph import layer_table
+
+    inits = [numpy_helper.from_array(np.full((3, 2, 2, 2), 0.1, np.float32), "w")]
+    nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["up"], kernel_shape=[2, 2], strides=[2, 2])]
+    df = layer_table(_tiny(nodes, inits, [1, 3, 8, 8], "up"), input_size=8)
+    assert df.loc[0, "shape"] == ("batch", 2, 16, 16) and df["reduction"].isna().all()
+
+
+def test_shapes_come_from_the_input_size_not_from_shapes_stored_in_the_file():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from deepfeat.graph import tensor_shapes
+
+    inits = [numpy_helper.from_array(np.full((4, 3, 3, 3), 0.1, np.float32), "w")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3])]
+    m = _tiny(nodes, inits, ["n", 3, "h", "w"], "c")
+    m.graph.value_info.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, ["n", 4, 6, 6]))
+    assert tensor_shapes(m, 16)["c"] == ("batch", 4, 14, 14)
+
+
+def test_dense_head_with_dropout_before_the_activation():
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], strides=[2, 2]),
+             helper.make_node("Flatten", ["c"], ["f"])]
+    x, cin = "f", 4 * 7 * 7
+    for i, cout in enumerate([16, 16, 5]):
+        inits.append(numpy_helper.from_array(rng.normal(size=(cout, cin)).astype(np.float32), f"fc{i}_w"))
+        nodes.append(helper.make_node("Gemm", [x, f"fc{i}_w"], [f"fc{i}"], transB=1))
+        x, cin = f"fc{i}", cout
+        if i < 2:
+            nodes += [helper.make_node("Dropout", [x], [f"drop{i}"]), helper.make_node("Relu", [f"drop{i}"], [f"act{i}"])]
+            x = f"act{i}"
+    aliases = derive_aliases(_tiny(nodes, inits, [1, 3, 16, 16], "fc2", rank=2), 16)
+    assert (aliases["fc6"], aliases["fc7"], aliases["pooled"], aliases["logits"]) == ("act0", "act1", "act1", "fc2")
