@@ -62,6 +62,17 @@ class _Builder:
         self.nodes.append(helper.make_node("Gemm", [x, w, b], [name], transB=1))
         return name
 
+    def head(self, x, cin, width, classes, hidden_names, classifier):
+        """Two hidden fully connected layers (Gemm, ReLU, Dropout each), then the classifier."""
+        for gemm, relu, drop in hidden_names:
+            x = self.node("Dropout", [self.node("Relu", [self.gemm(x, cin, width, gemm)], relu)], drop)
+            cin = width
+        return self.gemm(x, cin, classes, classifier)
+
+    def const(self, name, values):
+        self.inits.append(numpy_helper.from_array(np.asarray(values), name))
+        return name
+
     def node(self, op, inputs, output, **attrs):
         self.nodes.append(helper.make_node(op, inputs, [output], **attrs))
         return output
@@ -93,15 +104,8 @@ def caffe_alexnet(div: int = 8, trained: bool = True, classes: int = 100) -> onn
     x = b.conv(x, c3, c3, 3, "conv4_1", relu_name="conv4_2")
     x = b.conv(x, c3, c2, 3, "conv5_1", relu_name="conv5_2")
     x = b.pool("MaxPool", x, 3, 2, "pool5_1")
-    shape = b.inits.append(numpy_helper.from_array(np.array([1, -1], np.int64), "OC2_DUMMY_1")) or "OC2_DUMMY_1"
-    x = b.node("Reshape", [x, shape], "OC2_DUMMY_0")
-    x = b.gemm(x, c2 * 6 * 6, fc, "fc6_1")
-    x = b.node("Relu", [x], "fc6_2")
-    x = b.node("Dropout", [x], "fc6_3")
-    x = b.gemm(x, fc, fc, "fc7_1")
-    x = b.node("Relu", [x], "fc7_2")
-    x = b.node("Dropout", [x], "fc7_3")
-    x = b.gemm(x, fc, classes, "fc8_1")
+    x = b.node("Reshape", [x, b.const("OC2_DUMMY_1", np.array([1, -1], np.int64))], "OC2_DUMMY_0")
+    x = b.head(x, c2 * 6 * 6, fc, classes, [("fc6_1", "fc6_2", "fc6_3"), ("fc7_1", "fc7_2", "fc7_3")], "fc8_1")
     b.node("Softmax", [x], "prob_1", axis=1)
     return b.model("bvlc_alexnet", "data_0", 224, "prob_1", classes, 12)
 
@@ -118,14 +122,8 @@ def mxnet_vgg16(div: int = 8, trained: bool = True, classes: int = 100) -> onnx.
             cin, i = width // div, i + 1
         x = b.pool("MaxPool", x, 2, 2, f"vgg0_pool{blk}_fwd")
     x = b.node("Flatten", [x], "vgg0_flatten0_reshape0", axis=1)
-    fc = 4096 // div
-    x = b.gemm(x, cin * 7 * 7, fc, "vgg0_dense0_fwd")
-    x = b.node("Relu", [x], "vgg0_dense0_relu_fwd")
-    x = b.node("Dropout", [x], "vgg0_dropout0_fwd")
-    x = b.gemm(x, fc, fc, "vgg0_dense1_fwd")
-    x = b.node("Relu", [x], "vgg0_dense1_relu_fwd")
-    x = b.node("Dropout", [x], "vgg0_dropout1_fwd")
-    b.gemm(x, fc, classes, "vgg0_dense2_fwd")
+    names = [(f"vgg0_dense{k}_fwd", f"vgg0_dense{k}_relu_fwd", f"vgg0_dropout{k}_fwd") for k in (0, 1)]
+    b.head(x, cin * 7 * 7, 4096 // div, classes, names, "vgg0_dense2_fwd")
     return b.model("vgg16", "data", 224, "vgg0_dense2_fwd", classes, 7)
 
 
