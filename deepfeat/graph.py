@@ -81,7 +81,7 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-def _inference_exact(model: onnx.ModelProto, input_size: int) -> bool:
+def inference_exact(model: onnx.ModelProto, input_size: int) -> bool:
     """Whether ONNX shape inference can stand in for a probe run at ``input_size``.
 
     Not when the file fixes another input side (ONNX Runtime would refuse to run
@@ -226,7 +226,7 @@ def tensor_shapes(model: onnx.ModelProto, input_size: int | None = None) -> dict
     candidates = [o for n in g.node for o in n.output if ranks.get(o) in _FEATURE_RANKS and o in floats]
     known = {vi.name: tuple(d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim)
              for vi in list(g.value_info) + list(g.output)}
-    if input_size is not None and _inference_exact(model, input_size) and all(
+    if input_size is not None and inference_exact(model, input_size) and all(
             None not in known[c][1:] for c in candidates):
         # inference knew every shape: no need to run the network
         return {c: ("batch",) + known[c][1:] for c in candidates}

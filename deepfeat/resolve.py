@@ -23,7 +23,7 @@ import pandas as pd
 from . import registry
 from .aliases import derive_aliases
 from .download import fetch_model
-from .graph import GraphSummary, inferred_shapes, layer_table, load_onnx, probe_shapes
+from .graph import GraphSummary, inference_exact, inferred_shapes, layer_table, load_onnx, probe_shapes
 from .registry import ModelSpec
 
 __all__ = ["resolve_model", "check_preprocessing", "list_layers", "model_summary", "layer_shapes"]
@@ -361,7 +361,12 @@ def model_summary(path: str, sha256: str, input_size: int = 224) -> GraphSummary
 def _graph_facts(path: str, sha256: str, input_size: int) -> tuple[GraphSummary, dict[str, tuple]]:
     # one load of the (possibly large) file for what a fit needs of the graph
     proto = _load_checked(path, sha256)
-    return GraphSummary.of(proto), inferred_shapes(proto, input_size)
+    inferred = inferred_shapes(proto, input_size)
+    if not inference_exact(proto, input_size):
+        # spatial sizes (and what is flattened from them) are left to a probe run
+        inferred = {t: (s[:2] + (None, None) if len(s) == 4 else s[:1] + (None,) * (len(s) - 1))
+                    for t, s in inferred.items()}
+    return GraphSummary.of(proto), inferred
 
 
 @lru_cache(maxsize=64)

@@ -238,3 +238,22 @@ def test_dense_head_with_dropout_before_the_activation():
             x = f"act{i}"
     aliases = derive_aliases(_tiny(nodes, inits, [1, 3, 16, 16], "fc2", rank=2), 16)
     assert (aliases["fc6"], aliases["fc7"], aliases["pooled"], aliases["logits"]) == ("act0", "act1", "act1", "fc2")
+
+
+def test_flattened_map_behind_a_padded_ceil_mode_pool_has_onnx_runtimes_width(tmp_path):
+    from onnx import helper, numpy_helper
+
+    from deepfeat import ImageEmbedder
+
+    # ONNX shape inference says 6x6 here, ONNX Runtime computes 5x5: the probe decides
+    inits = [numpy_helper.from_array(np.full((2, 3, 1, 1), 0.1, np.float32), "w")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[1, 1]),
+             helper.make_node("MaxPool", ["c"], ["p"], kernel_shape=[2, 2], strides=[2, 2], pads=[1, 1, 1, 1],
+                              ceil_mode=1)]
+    path = tmp_path / "ceil.onnx"
+    path.write_bytes(_tiny(nodes, inits, ["n", 3, "h", "w"], "p").SerializeToString())
+    images = np.random.default_rng(0).integers(0, 255, (2, 9, 9, 3), dtype=np.uint8)
+    emb = ImageEmbedder(model=str(path), layers="p", pooling="none",
+                        preprocessing={"input_size": 9, "resize_size": 9}, progress=False).fit(images)
+    X = emb.transform(images)
+    assert X.shape[1] == emb.n_features_out_
