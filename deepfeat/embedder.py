@@ -340,6 +340,16 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
 
     def _locate_model(self) -> Path:
         # an unpickled embedder on another machine: find the file again by name; get_runner checks its hash
+        from .registry import _REGISTRY
+
+        spec = _REGISTRY.get(str(self.model))
+        if spec is not None and spec.sha256 and self.model_sha256_ not in spec.accepted_sha256:
+            # the name now means another file: say so before downloading or exporting it
+            raise ModelFileError(
+                f"This embedder was fitted on model {self.model!r} with sha256 {self.model_sha256_}, but that "
+                f"name now means the file with sha256 {spec.sha256} ({spec.description}). Refit the embedder "
+                f"(or pass the old file's path as model=)."
+            )
         found, _ = resolve_model(self.model, **dict(self.preprocessing or {}))
         self.model_path_ = Path(found)
         return self.model_path_

@@ -257,3 +257,25 @@ def test_flattened_map_behind_a_padded_ceil_mode_pool_has_onnx_runtimes_width(tm
                         preprocessing={"input_size": 9, "resize_size": 9}, progress=False).fit(images)
     X = emb.transform(images)
     assert X.shape[1] == emb.n_features_out_
+
+
+def test_embedder_fitted_on_a_name_that_now_means_another_file_says_refit_before_fetching(
+        registered_file, monkeypatch):
+    import pickle
+
+    from deepfeat import ImageEmbedder
+
+    path = registered_file("resnet50", torchvision_resnet50())
+    images = np.random.default_rng(0).integers(0, 255, (2, 40, 40, 3), dtype=np.uint8)
+    emb = ImageEmbedder(model="resnet50", layers="pooled", progress=False).fit(images)
+    blob = pickle.dumps(emb)
+    # another machine, a later registry: the name now pins other bytes at a mirror that must not be asked
+    path.unlink()
+    spec = get_model_spec("resnet50")
+    monkeypatch.setitem(registry._REGISTRY, "resnet50",
+                        replace(spec, sha256="f" * 64, urls=("http://127.0.0.1:9/never-asked.onnx",)))
+    from deepfeat.sessions import clear_sessions
+
+    clear_sessions()
+    with pytest.raises(ModelFileError, match=r"now means the file with sha256 f{64}.*Refit"):
+        pickle.loads(blob).transform(images)
