@@ -61,8 +61,10 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     stay, since shape inference reads their values (a Reshape's target shape).
     Copying and serialising 550 MB of VGG weights is what made inference slow."""
     g = model.graph
-    small = [t for t in g.initializer if t.data_type not in _FLOAT_TYPES or _numel(t) <= 64]
-    big = [t for t in g.initializer if not (t.data_type not in _FLOAT_TYPES or _numel(t) <= 64)]
+    small: list = []
+    big: list = []
+    for t in g.initializer:
+        (big if t.data_type in _FLOAT_TYPES and _numel(t) > 64 else small).append(t)
     listed = {i.name for i in g.input}
     skel = onnx.GraphProto(name=g.name)
     skel.node.extend(g.node)
@@ -88,14 +90,10 @@ def inference_exact(model: onnx.ModelProto, input_size: int) -> bool:
     it, and the shapes would be invented), nor for pools with ``ceil_mode`` and
     padding, where inference and ONNX Runtime disagree on the last window.
     """
-    g = model.graph
-    inits = {t.name for t in g.initializer}
-    data = [i for i in g.input if i.name not in inits]
-    if data:
-        dims = data[0].type.tensor_type.shape.dim
-        if len(dims) == 4 and any(d.HasField("dim_value") and d.dim_value != input_size for d in dims[2:]):
-            return False
-    for n in g.node:
+    shape = input_shape(model)
+    if len(shape) == 4 and any(d is not None and d != input_size for d in shape[2:]):
+        return False
+    for n in model.graph.node:
         if n.op_type in ("MaxPool", "AveragePool", "LpPool"):
             attrs = {a.name: a for a in n.attribute}
             if "ceil_mode" in attrs and attrs["ceil_mode"].i and "pads" in attrs and any(attrs["pads"].ints):
@@ -145,11 +143,24 @@ class GraphSummary:
 
     @classmethod
     def of(cls, model: onnx.ModelProto) -> "GraphSummary":
-        weights = {t.name for t in model.graph.initializer}
-        data = [i for i in model.graph.input if i.name not in weights]
-        dims = tuple(d.dim_value if d.HasField("dim_value") else None
-                     for d in data[0].type.tensor_type.shape.dim) if data else ()
-        return cls(frozenset(o for n in model.graph.node for o in n.output), model.graph.output[0].name, dims)
+        return cls(frozenset(o for n in model.graph.node for o in n.output), model.graph.output[0].name,
+                   input_shape(model))
+
+
+def input_shape(model: onnx.ModelProto) -> tuple:
+    """Declared dims of the first graph input that is not a weight (None where symbolic; () if none).
+
+    Examples
+    --------
+    >>> from onnx import helper, TensorProto
+    >>> g = helper.make_graph([], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 299, 299])], [])
+    >>> input_shape(helper.make_model(g))
+    (None, 3, 299, 299)
+    """
+    weights = {t.name for t in model.graph.initializer}
+    data = [i for i in model.graph.input if i.name not in weights]
+    return tuple(d.dim_value if d.HasField("dim_value") else None
+                 for d in data[0].type.tensor_type.shape.dim) if data else ()
 
 
 def inferred_shapes(model: onnx.ModelProto, input_size: int | None = None) -> dict[str, tuple]:
@@ -221,11 +232,10 @@ def tensor_shapes(model: onnx.ModelProto, input_size: int | None = None) -> dict
 
     inferred = _with_input_size(model, input_size)
     g = inferred.graph
-    ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in list(g.value_info) + list(g.output)}
-    floats = {vi.name for vi in list(g.value_info) + list(g.output) if vi.type.tensor_type.elem_type in _FLOAT_TYPES}
-    candidates = [o for n in g.node for o in n.output if ranks.get(o) in _FEATURE_RANKS and o in floats]
+    # what inference knows of each float tensor: its dims, None where unknown
     known = {vi.name: tuple(d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim)
-             for vi in list(g.value_info) + list(g.output)}
+             for vi in list(g.value_info) + list(g.output) if vi.type.tensor_type.elem_type in _FLOAT_TYPES}
+    candidates = [o for n in g.node for o in n.output if o in known and len(known[o]) in _FEATURE_RANKS]
     if input_size is not None and inference_exact(model, input_size) and all(
             None not in known[c][1:] for c in candidates):
         # inference knew every shape: no need to run the network

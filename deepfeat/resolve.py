@@ -23,7 +23,8 @@ import pandas as pd
 from . import registry
 from .aliases import derive_aliases
 from .download import fetch_model
-from .graph import GraphSummary, inference_exact, inferred_shapes, layer_table, load_onnx, probe_shapes
+from .graph import (GraphSummary, inference_exact, inferred_shapes, input_shape, layer_table, load_onnx,
+                    probe_shapes)
 from .registry import ModelSpec
 
 __all__ = ["resolve_model", "check_preprocessing", "list_layers", "model_summary", "layer_shapes"]
@@ -74,12 +75,19 @@ def resolve_model(model: str | os.PathLike, **overrides) -> tuple[Path, ModelSpe
                 f"{' or '.join(spec.accepted_sha256)}. The file is corrupt or a different version: delete it "
                 "and reinstall deepfeat (or re-download / re-export it)."
             )
-        if spec.check_trained:
-            _check_trained(str(path), digest, spec.name)
-        if spec.derive_layers:
+        if spec.derive_layers or spec.check_trained:
             input_size = overrides.get("input_size", spec.input_size)
-            derived = _derived_layers(str(path), digest, input_size)
-            spec = replace(spec, layers={**derived, **spec.layers})
+            derived, untrained = _graph_checks(str(path), digest, input_size, spec.check_trained)
+            if untrained is not None:
+                raise registry.ModelFileError(
+                    f"The file {path} of model {spec.name!r} matches its published sha256 but holds untrained "
+                    f"weights ({untrained}): its publisher exported it without loading the "
+                    f"pretrained weights, so its features would be noise. Make the file from the pretrained "
+                    f"weights instead with `deepfeat export torchvision:NAME` (pip install 'deepfeat[export]') "
+                    f"and pass its path as model=."
+                )
+            if spec.derive_layers:
+                spec = replace(spec, layers={**derived, **spec.layers})
         return path, replace(spec, **overrides) if overrides else spec
     path = Path(name).expanduser()
     if not path.is_file():
@@ -99,11 +107,11 @@ def resolve_model(model: str | os.PathLike, **overrides) -> tuple[Path, ModelSpe
     )
     st = path.stat()
     stamp = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    recorded = _recorded_defaults(*stamp)
+    recorded, declared = _file_header(*stamp)
     defaults.update(recorded)
     if "input_size" not in recorded and "input_size" not in overrides:
         # a file that fixes its input side (Inception at 299) is measured and fed at that side
-        side = _fixed_input_side(*stamp)
+        side = _fixed_side(declared)
         if side is not None:
             defaults.update(input_size=side, resize_size=round(side / 0.875))
     defaults.update(overrides)
@@ -219,29 +227,31 @@ def list_layers(
 
 
 @lru_cache(maxsize=64)
-def _recorded_defaults(path: str, *stamp: int) -> dict:
-    """Preprocessing and aliases that ``deepfeat export`` stored in the file, if any.
+def _file_header(path: str, *stamp: int) -> tuple[dict, tuple]:
+    """What a file says of itself: the preprocessing and aliases ``deepfeat export``
+    stored in it (if any), and the declared shape of its image input.
 
     Memoised by the file's stat (``stamp``): a fit reads the file once per process.
     Callers get the cached dict: they copy it (``dict.update``), never change it."""
     try:
         proto = onnx.load(os.fspath(path), load_external_data=False)
     except Exception:  # not ONNX: graph.load_onnx reports it with a better message
-        return {}
+        return {}, ()
+    declared = input_shape(proto)
     props = {p.key: p.value for p in proto.metadata_props}
     if registry.METADATA_KEY not in props:
-        return {}
+        return {}, declared
     try:
         rec = json.loads(props[registry.METADATA_KEY])
     except ValueError:
-        return {}
+        return {}, declared
     allowed = {"input_size", "resize_size", "interpolation", "mean", "std", "channel_order",
                "layers", "default_layer", "description", "source", "license"}
     out = {k: v for k, v in rec.items() if k in allowed}
     for k in ("mean", "std"):
         if k in out:
             out[k] = tuple(float(v) for v in out[k])
-    return out
+    return out, declared
 
 
 @lru_cache(maxsize=64)
@@ -251,47 +261,17 @@ def _derived_or_nothing(path: str, *stamp_and_size: int) -> dict[str, str]:
     failures included, so a grid search does not retry a failing derivation per fit."""
     *_, input_size = stamp_and_size
     try:
-        return _derived_layers(path, registry.model_sha256(path), input_size)
+        return _graph_checks(path, registry.model_sha256(path), input_size)[0]
     except Exception:
         return {}
 
 
-@lru_cache(maxsize=64)
-def _fixed_input_side(path: str, *stamp: int) -> int | None:
-    """The square spatial side a file fixes for its image input, if it fixes one."""
-    try:
-        proto = onnx.load(os.fspath(path), load_external_data=False)
-    except Exception:
+def _fixed_side(shape: tuple) -> int | None:
+    """The square spatial side a declared ``(n, 3, h, w)`` input fixes, if it fixes one."""
+    if len(shape) != 4:
         return None
-    inits = {t.name for t in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in inits]
-    if not inputs:
-        return None
-    dims = inputs[0].type.tensor_type.shape.dim
-    if len(dims) != 4 or not (dims[2].HasField("dim_value") and dims[3].HasField("dim_value")):
-        return None
-    h, w = dims[2].dim_value, dims[3].dim_value
-    return int(h) if h == w and h >= 8 else None
-
-
-@lru_cache(maxsize=16)
-def _check_trained(path: str, sha256: str, name: str) -> None:
-    """Refuse a file whose weights are an initialisation, not a training run.
-
-    Exporters fold each batch norm into the convolution before it; freshly
-    initialised batch norms (mean 0, var 1, scale 1, shift 0) fold into biases
-    that are exactly 0, which no trained network has. Checked once per file
-    version (``sha256``) and process.
-    """
-    reason = untrained_reason(_load_checked(path, sha256))
-    if reason is not None:
-        raise registry.ModelFileError(
-            f"The file {path} of model {name!r} matches its published sha256 but holds untrained "
-            f"weights ({reason}): its publisher exported it without loading the "
-            f"pretrained weights, so its features would be noise. Make the file from the pretrained "
-            f"weights instead with `deepfeat export torchvision:NAME` (pip install 'deepfeat[export]') "
-            f"and pass its path as model=."
-        )
+    h, w = shape[2:]
+    return int(h) if h is not None and h == w and h >= 8 else None
 
 
 def untrained_reason(model: onnx.ModelProto) -> str | None:
@@ -331,9 +311,14 @@ def untrained_reason(model: onnx.ModelProto) -> str | None:
 
 
 @lru_cache(maxsize=32)
-def _derived_layers(path: str, sha256: str, input_size: int) -> dict[str, str]:
-    # keyed by the file's hash: a checked file always yields the same aliases
-    return derive_aliases(load_onnx(path), input_size)
+def _graph_checks(path: str, sha256: str, input_size: int, check_trained: bool = False) -> tuple[dict, str | None]:
+    """The standard aliases derived from a checked file's graph, and (with ``check_trained``)
+    why its weights look untrained: one read and parse for both. Keyed by the file's hash,
+    so a checked file is judged once per process (exporters fold batch norms into the
+    convolutions; fresh ones fold into biases that are exactly 0, see :func:`untrained_reason`)."""
+    proto = _load_checked(path, sha256)
+    untrained = untrained_reason(proto) if check_trained else None
+    return (derive_aliases(proto, input_size) if untrained is None else {}), untrained
 
 
 # ------------------------------------------------------------ per-process memos
