@@ -110,10 +110,10 @@ def _from_mirrors(spec: ModelSpec, dest: Path, *, retries: int, backoff: float, 
     """Try each mirror in turn; the first that serves the pinned bytes wins."""
     tried: list[str] = []
     offline = True
+    # size_bytes is the primary file's; an alternate upload may have another size
+    size = spec.size_bytes if not spec.sha256_also else None
     for i, url in enumerate(spec.urls):
         try:
-            # size_bytes is the primary file's; an alternate upload may have another size
-            size = spec.size_bytes if not spec.sha256_also else None
             return download_file(url, dest, sha256=spec.accepted_sha256 or None, size=size,
                                  retries=retries, backoff=backoff, timeout=timeout)
         except ModelDownloadError as exc:
