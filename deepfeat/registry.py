@@ -223,29 +223,38 @@ def _lite_on_demand(
     )
 
 
-def _zoo_spec(
-    name: str, zoo_path: str, sha256: str, size_bytes: int, *, source: str, description: str, **fields: Any
+def _downloaded_spec(
+    name: str, filename: str, sha256: str, size_bytes: int, urls: tuple[str, ...], *, source: str,
+    description: str, **fields: Any,
 ) -> ModelSpec:
-    """Spec of an ONNX Model Zoo file: downloaded on first use, ImageNet preprocessing
-    unless ``fields`` say otherwise, layer aliases derived from the graph."""
-    filename = zoo_path.rsplit("/", 1)[-1]
+    """Spec of a file downloaded on first use: ImageNet preprocessing unless ``fields``
+    say otherwise, layer aliases derived from the graph."""
     spec = dict(
         name=name,
         filename=filename,
         sha256=sha256,
         size_bytes=size_bytes,
-        urls=_zoo_mirrors(zoo_path),
+        urls=urls,
         input_size=224,
         resize_size=256,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         derive_layers=True,
         license="Apache-2.0 (ONNX Model Zoo)",
-        source=f"ONNX Model Zoo {filename} ({source})",
+        source=source,
         description=f"{description} (downloaded on first use)",
     )
     spec.update(fields)
     return ModelSpec(**spec)  # type: ignore[arg-type]  # a dict of the fields, checked by the dataclass
+
+
+def _zoo_spec(
+    name: str, zoo_path: str, sha256: str, size_bytes: int, *, source: str, description: str, **fields: Any
+) -> ModelSpec:
+    """Spec of a file under the zoo's ``validated/vision/classification/``."""
+    filename = zoo_path.rsplit("/", 1)[-1]
+    return _downloaded_spec(name, filename, sha256, size_bytes, _zoo_mirrors(zoo_path),
+                            source=f"ONNX Model Zoo {filename} ({source})", description=description, **fields)
 
 
 def _turnkey_spec(
@@ -258,20 +267,11 @@ def _turnkey_spec(
     the published file says whether it was, so the file is checked for trained
     weights before first use (``check_trained``).
     """
-    spec = dict(
-        name=name,
-        filename=f"{folder}.onnx",
-        sha256=sha256,
-        size_bytes=size_bytes,
-        urls=_turnkey_mirrors(folder, filename),
-        derive_layers=True,
-        check_trained=True,
-        license="Apache-2.0 (ONNX Model Zoo); weights BSD-3-Clause (torchvision)",
-        source=f"ONNX Model Zoo Computer_Vision/{folder}/{filename} ({source})",
-        description=f"{description} (downloaded on first use)",
-    )
-    spec.update(fields)
-    return ModelSpec(**spec)  # type: ignore[arg-type]  # a dict of the fields, checked by the dataclass
+    fields = {"check_trained": True,
+              "license": "Apache-2.0 (ONNX Model Zoo); weights BSD-3-Clause (torchvision)", **fields}
+    return _downloaded_spec(name, f"{folder}.onnx", sha256, size_bytes, _turnkey_mirrors(folder, filename),
+                            source=f"ONNX Model Zoo Computer_Vision/{folder}/{filename} ({source})",
+                            description=description, **fields)
 
 
 _REGISTRY: dict[str, ModelSpec] = {
