@@ -47,7 +47,7 @@ def feature_fingerprint(parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _file_stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+def file_stamp(st: os.stat_result) -> tuple[int, int, int, int]:
     # ctime cannot be set by tools that preserve mtime (cp -p, rsync -t), so an
     # edit always changes the stamp
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
@@ -93,7 +93,7 @@ def content_key(item: Any, mode: str = "content") -> tuple[str | None, tuple | N
             st = os.stat(path)
             if not stat_module.S_ISREG(st.st_mode):
                 return None, None
-            stamp = _file_stamp(st)
+            stamp = file_stamp(st)
             if mode == "stat":
                 ident = "\0".join(map(str, (os.path.realpath(path),) + stamp))
                 return "s:" + hashlib.blake2b(ident.encode(), digest_size=16).hexdigest(), stamp
@@ -130,8 +130,14 @@ _HASHED_MAX = 200_000
 _SETTLED = 2.0
 
 
+def settled(st: os.stat_result) -> bool:
+    """Whether a file's timestamps are old enough for a memo keyed by them (see above);
+    :mod:`deepfeat.registry` memoises model hashes by the same rule."""
+    return time.time() - max(st.st_mtime, st.st_ctime) >= _SETTLED
+
+
 def _remember(memo: tuple, key: str, st: os.stat_result) -> None:
-    if time.time() - max(st.st_mtime, st.st_ctime) < _SETTLED:
+    if not settled(st):
         return
     if len(_HASHED) >= _HASHED_MAX:
         _HASHED.clear()
@@ -184,7 +190,7 @@ def _remembered(item: Any) -> tuple[str, tuple] | None:
         st = os.stat(path)
     except OSError:
         return None
-    stamp = _file_stamp(st)
+    stamp = file_stamp(st)
     key = _HASHED.get((path, st.st_dev) + stamp)
     return None if key is None else (key, stamp)
 
@@ -200,6 +206,6 @@ def stamp_holds(item: Any, stamp: tuple | None) -> bool:
     if stamp is None:
         return True
     try:
-        return _file_stamp(os.stat(os.fspath(item))) == stamp
+        return file_stamp(os.stat(os.fspath(item))) == stamp
     except OSError:
         return False

@@ -2,7 +2,8 @@
 
 Specs are frozen dataclasses in a private table; the public functions hand out
 the specs themselves (immutable) or copies of the table, never the table.
-This module is a leaf: finding, fetching and checking a model's file is
+This module is a leaf (it takes only the file-version rule of
+:mod:`deepfeat.keys`): finding, fetching and checking a model's file is
 :mod:`deepfeat.resolve`'s work.
 """
 
@@ -11,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
 import pandas as pd
+
+from .keys import file_stamp, settled
 
 __all__ = ["ModelSpec", "get_model_spec", "list_models", "models_dirs", "ModelFileError"]
 
@@ -502,7 +504,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     digest = h.hexdigest()
     # like git's index: a file is remembered only once its timestamps have settled, so a
     # rewrite in the same clock tick as this read (same size) cannot hide behind the memo
-    if time.time() - max(st.st_mtime, st.st_ctime) >= 2.0:
+    if settled(st):
         with _SHA_LOCK:
             if len(_SHA_MEMO) >= 256:
                 _SHA_MEMO.clear()
@@ -610,7 +612,7 @@ _SHA_LOCK = threading.Lock()
 def _stamp(path: str | os.PathLike) -> tuple[os.stat_result, tuple]:
     # what identifies a version of a file: an edit or a replacement changes one of these
     st = os.stat(path)
-    return st, (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return st, (os.path.realpath(path), *file_stamp(st))
 
 
 def _memo_get(memo: dict, stamp: tuple) -> Any:
