@@ -11,7 +11,8 @@ Sections: throughput (raw ORT ceiling, end-to-end, PyTorch eager, naive loop,
 shallow vs full, peak RSS), cache (cold vs warm transform), warm (grid search
 over a warm cache vs precomputed features, a second run vs the cold fill,
 processes sharing a cache, engine cost per key), recipes (classify --auto vs
-the default layer), quantize (int8 vs fp32),
+the default layer), layers (deriving a third-party file's aliases, before and
+after #16), quantize (int8 vs fp32),
 providers (CPU vs CUDA, fp32 vs fp16; CUDA rows only where onnxruntime-gpu sees
 a GPU), distributed (1 vs 2 local Dask workers). Needs the real photos under
 ../shared/data/ (providers falls back to sample photos). With ``--update`` the
@@ -34,7 +35,7 @@ sys.path.insert(0, str(HERE))
 
 from common import gpu, machine  # noqa: E402
 
-SECTIONS = ("throughput", "cache", "warm", "recipes", "quantize", "providers", "distributed")
+SECTIONS = ("throughput", "cache", "warm", "recipes", "layers", "quantize", "providers", "distributed")
 
 
 def main(argv=None) -> int:

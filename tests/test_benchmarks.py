@@ -48,3 +48,10 @@ def test_update_replaces_only_the_measured_sections():
     new = run._merge(old, ["_Re-measured today._\n## B\n\nnew b\n", "_Re-measured today._\n## C\n\nnew c\n"])
     assert "old a" in new and "old b" not in new and "new b" in new and new.index("## B") < new.index("## C")
     assert new.count("_Re-measured today._") == 2 and "except sections marked re-measured" in new
+
+
+@pytest.mark.slow
+def test_layers_benchmark_finds_the_same_aliases_both_ways():
+    bench_layers = pytest.importorskip("bench_layers")
+    table = bench_layers.run(quick=True)
+    assert "| ResNet-50 (102 MB) |" in table and table.rstrip().endswith("| yes |")
