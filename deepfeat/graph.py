@@ -227,9 +227,6 @@ def tensor_shapes(model: onnx.ModelProto, input_size: int | None = None) -> dict
     >>> tensor_shapes(load_onnx(path), 224)["features"]
     ('batch', 1280, 7, 7)
     """
-    import numpy as np
-    import onnxruntime as ort
-
     inferred = _with_input_size(model, input_size)
     g = inferred.graph
     # what inference knows of each float tensor: its dims, None where unknown
@@ -240,19 +237,7 @@ def tensor_shapes(model: onnx.ModelProto, input_size: int | None = None) -> dict
             None not in known[c][1:] for c in candidates):
         # inference knew every shape: no need to run the network
         return {c: ("batch",) + known[c][1:] for c in candidates}
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in candidates)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    inp = sess.get_inputs()[0]
-    size = input_size or 224
-    x = np.zeros((1, 3, size, size), dtype=np.float32)
-    values = sess.run(candidates, {inp.name: x})
-    return {name: ("batch",) + tuple(v.shape[1:]) for name, v in zip(candidates, values)}
+    return dict(zip(candidates, probe_shapes(model, candidates, input_size or 224)))
 
 
 def _alias_rank(alias: str) -> tuple:
@@ -411,7 +396,8 @@ def truncate(model: onnx.ModelProto, outputs: Iterable[str]) -> onnx.ModelProto:
             if name in producer and producer[name] not in keep:
                 stack.append(producer[name])
     needed_inputs = {n for i in keep for n in g.node[i].input}
-    shapes = {vi.name: vi for vi in list(shape_inference.infer_shapes(model).graph.value_info) + list(g.output)}
+    # the outputs' types and shapes, inferred without copying the weights (see _skeleton)
+    shapes = {vi.name: vi for vi in list(shape_inference.infer_shapes(_skeleton(model)).graph.value_info) + list(g.output)}
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
