@@ -22,17 +22,18 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, clone
-from sklearn.ensemble import RandomForestClassifier
+from sklearn.ensemble import BaseEnsemble, RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import confusion_matrix
-from sklearn.exceptions import FitFailedWarning
-from sklearn.model_selection import GridSearchCV, StratifiedKFold
+from sklearn.model_selection import StratifiedKFold
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
+from threadpoolctl import threadpool_limits
 
 from .embedder import ImageEmbedder
+from .search import available_cores, search_heads
 
 __all__ = [
     "default_heads",
@@ -60,7 +61,7 @@ def default_heads(random_state: int = 0) -> dict[str, tuple[Pipeline, dict]]:
     =================  ===========================================  ============================
     name               pipeline                                     grid
     =================  ===========================================  ============================
-    ``logreg``         StandardScaler, LogisticRegression           C in 0.01, 0.1, 1, 10
+    ``logreg``         StandardScaler, LogisticRegression(tol 1e-6) C in 0.01, 0.1, 1, 10
     ``linear_svm``     StandardScaler, LinearSVC (tol 1e-3)         C in 1e-4, 1e-3, 1e-2
     ``rbf_svm``        StandardScaler or Normalizer, SVC(rbf)       scaler x C in 1, 10, 100
     ``random_forest``  RandomForestClassifier (200 trees)           max_features sqrt, log2
@@ -88,7 +89,9 @@ def default_heads(random_state: int = 0) -> dict[str, tuple[Pipeline, dict]]:
     """
     return {
         "logreg": (
-            Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression(max_iter=5000))]),
+            # tol 1e-6: at scikit-learn's 1e-4, lbfgs stops early enough that its predictions at
+            # C >= 1 differed from the optimum's on up to 3.6 % of the rows (benchmarks/RESULTS.md)
+            Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression(tol=1e-6, max_iter=5000))]),
             {"clf__C": [0.01, 0.1, 1.0, 10.0]},
         ),
         "linear_svm": (
@@ -192,13 +195,20 @@ def compare_heads(
     scoring: str = "accuracy",
     n_jobs: int | None = None,
     random_state: int | None = 0,
-    refit: bool = True,
+    refit: bool | str = "best",
     progress: bool = False,
 ) -> pd.DataFrame:
     """Grid-search several heads on one feature matrix and rank them.
 
     Every head is searched with the same stratified folds, so the scores are
     comparable. The table is a leaderboard: best mean score first.
+
+    The scores, the chosen parameters and the refitted estimator are those of
+    a ``GridSearchCV`` per head with these folds; the search takes exact
+    shortcuts to them (:mod:`deepfeat.search`: the scaling once per fold, the
+    row space of the fold for L2-penalised linear heads, a warm-started
+    ``C`` path, kernel and distance matrices once per fold, the fits on every
+    core).
 
     Parameters
     ----------
@@ -216,12 +226,14 @@ def compare_heads(
     scoring : str, default="accuracy"
         A scikit-learn scorer name (``"balanced_accuracy"``, ``"f1_macro"``...).
     n_jobs : int or None, default=None
-        Parallel fits inside each grid search (``-1``: all cores).
+        Worker threads for the (head, fold) fits; ``None`` or ``-1``: one per
+        core this process may use, ``1``: one after another.
     random_state : int or None, default=0
         Seed of the fold shuffle.
-    refit : bool, default=True
-        Refit each head's best parameters on all of ``X`` (column
-        ``estimator``); ``False`` leaves that column empty and is faster.
+    refit : {"best", "all"} or bool, default="best"
+        Refit the best parameters on all of ``X`` (column ``estimator``):
+        ``"best"`` only the winning head's, ``"all"`` (or ``True``) every
+        head's, ``False`` none.
     progress : bool, default=False
         A tqdm bar over the heads, showing each head's search as it runs
         (only on a terminal); each finished head is also logged.
@@ -234,7 +246,10 @@ def compare_heads(
         the head's best parameters), ``mean_fit_time`` (seconds per fit, same
         candidate), ``search_time`` (seconds for the whole grid), ``params``
         (best parameters) and ``estimator`` (the refitted best estimator, or
-        None). ``df.attrs`` holds ``scoring`` and ``n_splits``.
+        None). ``search_time`` is the seconds of work on that head's fits,
+        summed over the workers. ``df.attrs`` holds ``scoring``, ``n_splits``,
+        ``search_seconds`` (wall time of all the searches) and
+        ``refit_seconds``.
 
     See Also
     --------
@@ -266,57 +281,47 @@ def compare_heads(
             "decode with on_error='skip'. Drop them first: keep = ~np.isnan(X).any(axis=1)."
         )
     splitter: Any = stratified_cv(y, int(cv), random_state) if isinstance(cv, Integral) else cv
-    smallest_fold = min(len(train) for train, _ in splitter.split(X, y))
-    rows = []
-    checked = _check_heads(heads)
+    folds = list(splitter.split(X, y))
+    smallest_fold = min(len(train) for train, _ in folds)
+    checked = {name: (est, _fit_grid(grid, smallest_fold)) for name, (est, grid) in _check_heads(heads).items()}
+    if refit not in (True, False, "best", "all"):
+        raise ValueError(f"refit must be 'best', 'all', True (= 'all') or False; got {refit!r}.")
     bar = None
     if progress and sys.stderr.isatty():
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(checked), unit="head", desc="grid search")
-    for name, (est, grid) in checked.items():
-        if bar is not None:
-            bar.set_postfix_str(name)
-        grid = _fit_grid(grid, smallest_fold)
-        search = GridSearchCV(clone(est), grid, scoring=scoring, cv=splitter, n_jobs=n_jobs, refit=refit)
-        t0 = time.perf_counter()
-        try:
-            # candidates that fail score NaN and the others still compete; their tracebacks
-            # (a page each) are not shown, and a head with no candidate left is one line
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FitFailedWarning)
-                warnings.filterwarnings("ignore", message=".*non-finite.*", category=UserWarning)
-                search.fit(X, y)
-            if not np.isfinite(search.cv_results_["mean_test_score"]).any():
-                raise ValueError("every candidate failed to fit")
-        except Exception as exc:  # one line in the leaderboard, never a page of tracebacks
-            reason = (str(exc).strip().splitlines() or [""])[-1][:160]
-            logger.warning("%s could not be fitted: %s: %s", name, type(exc).__name__, reason)
+        bar = tqdm(total=0, unit="fit", desc="grid search")
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*non-finite.*", category=UserWarning)
+        found = search_heads(checked, X, y, folds, scoring=scoring, n_jobs=n_jobs,
+                             progress=None if bar is None else _bar_callback(bar))
+    wall = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    rows = []
+    for name, result in found.items():
+        best = result.best_index
+        if best is None:
+            reason = result.error or "ValueError: every candidate failed to fit"
+            logger.warning("%s could not be fitted: %s", name, reason)
             rows.append({"head": name, "mean_test_score": np.nan, "std_test_score": np.nan,
-                         "mean_fit_time": np.nan, "search_time": time.perf_counter() - t0,
-                         "params": {"failed": f"{type(exc).__name__}: {reason}"}, "estimator": None})
-            if bar is not None:
-                bar.update(1)
+                         "mean_fit_time": np.nan, "search_time": result.seconds,
+                         "params": {"failed": reason}, "estimator": None})
             continue
-        elapsed = time.perf_counter() - t0
-        best = search.best_index_
-        res = search.cv_results_
         rows.append(
             {
                 "head": name,
-                "mean_test_score": float(res["mean_test_score"][best]),
-                "std_test_score": float(res["std_test_score"][best]),
-                "mean_fit_time": float(res["mean_fit_time"][best]),
-                "search_time": elapsed,
-                "params": search.best_params_,
-                "estimator": search.best_estimator_ if refit else None,
+                "mean_test_score": float(result.mean_test_score[best]),
+                "std_test_score": float(result.std_test_score[best]),
+                "mean_fit_time": float(result.fit_times[best].mean()),
+                "search_time": result.seconds,
+                "params": result.params[best],
+                "estimator": None,
             }
         )
-        logger.info("%s: %s %.4f (%s) in %.1f s", name, scoring, rows[-1]["mean_test_score"], search.best_params_, elapsed)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        logger.info("%s: %s %.4f (%s) in %.1f s", name, scoring, rows[-1]["mean_test_score"], result.params[best],
+                    result.seconds)
     board = pd.DataFrame(rows)
     # ties go to the steadier head, then by name: the order never depends on timing noise;
     # heads that could not be fitted come last
@@ -325,8 +330,40 @@ def compare_heads(
         na_position="last",
     ).reset_index(drop=True)
     board.index = pd.RangeIndex(1, len(board) + 1, name="rank")
-    board.attrs.update(scoring=scoring, n_splits=splitter.get_n_splits(X, y))
+    t_refit = time.perf_counter()
+    wanted = [] if refit is False else board.index[board["mean_test_score"].notna()]
+    for rank in (wanted if refit in (True, "all") else wanted[:1]):
+        name = board.at[rank, "head"]
+        board.at[rank, "estimator"] = _refit(checked[name][0], board.at[rank, "params"], X, y, n_jobs)
+    board.attrs.update(scoring=scoring, n_splits=len(folds), search_seconds=wall,
+                       refit_seconds=time.perf_counter() - t_refit)
     return board
+
+
+def _refit(est: BaseEstimator, params: dict, X: np.ndarray, y: np.ndarray, n_jobs: int | None) -> BaseEstimator:
+    """GridSearchCV's refit: a clone with the best parameters, fitted on all the rows.
+
+    A final step that parallelises itself (a forest) fits on every core and is handed back with its
+    own ``n_jobs`` as it was: scikit-learn's results do not depend on ``n_jobs``.
+    """
+    model = clone(est).set_params(**params)
+    final = model.steps[-1][1] if isinstance(model, Pipeline) else model
+    serial = isinstance(final, BaseEnsemble) and final.get_params(deep=False).get("n_jobs", 0) is None
+    workers = available_cores() if n_jobs is None or n_jobs < 0 else int(n_jobs)
+    if serial and workers > 1:
+        final.set_params(n_jobs=workers)
+    with threadpool_limits(limits=1, user_api="blas"):  # as in the search (deepfeat.search)
+        model.fit(X, y)
+    if serial and workers > 1:
+        final.set_params(n_jobs=None)
+    return model
+
+
+def _bar_callback(bar):
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+    return update
 
 
 def _fit_grid(grid: Any, smallest_fold: int) -> Any:

@@ -71,14 +71,15 @@ def test_compare_heads_leaderboard(blobs):
         "logreg": default_heads()["logreg"],
         "knn1": KNeighborsClassifier(n_neighbors=1),  # a bare estimator: no grid
     }
-    board = compare_heads(X, y, heads, cv=3)
+    board = compare_heads(X, y, heads, cv=3, refit="all")
     assert list(board.columns) == [
         "head", "mean_test_score", "std_test_score", "mean_fit_time", "search_time", "params", "estimator",
     ]
     assert board.index.tolist() == [1, 2] and board.index.name == "rank"
     assert board["mean_test_score"].is_monotonic_decreasing
     assert set(board["head"]) == {"logreg", "knn1"}
-    assert board.attrs == {"scoring": "accuracy", "n_splits": 3}
+    assert {k: board.attrs[k] for k in ("scoring", "n_splits")} == {"scoring": "accuracy", "n_splits": 3}
+    assert board.attrs["search_seconds"] > 0 and board.attrs["refit_seconds"] >= 0
     # the reported score is the grid search's own, for its best parameters
     row = board.set_index("head").loc["logreg"]
     cv = StratifiedKFold(3, shuffle=True, random_state=0)
