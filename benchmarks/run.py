@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE))
 
 from common import gpu, machine  # noqa: E402
 
-SECTIONS = ("throughput", "cache", "warm", "recipes", "layers", "quantize", "providers", "distributed")
+SECTIONS = ("throughput", "cache", "warm", "recipes", "heads", "layers", "quantize", "providers", "distributed")
 
 
 def main(argv=None) -> int:

@@ -33,7 +33,7 @@ from sklearn.svm import SVC, LinearSVC
 from threadpoolctl import threadpool_limits
 
 from .embedder import ImageEmbedder
-from .search import available_cores, search_heads
+from .search import search_heads, worker_count
 
 __all__ = [
     "default_heads",
@@ -61,7 +61,7 @@ def default_heads(random_state: int = 0) -> dict[str, tuple[Pipeline, dict]]:
     =================  ===========================================  ============================
     name               pipeline                                     grid
     =================  ===========================================  ============================
-    ``logreg``         StandardScaler, LogisticRegression(tol 1e-6) C in 0.01, 0.1, 1, 10
+    ``logreg``         StandardScaler, LogisticRegression(tol 1e-8) C in 0.01, 0.1, 1, 10
     ``linear_svm``     StandardScaler, LinearSVC (tol 1e-3)         C in 1e-4, 1e-3, 1e-2
     ``rbf_svm``        StandardScaler or Normalizer, SVC(rbf)       scaler x C in 1, 10, 100
     ``random_forest``  RandomForestClassifier (200 trees)           max_features sqrt, log2
@@ -89,9 +89,10 @@ def default_heads(random_state: int = 0) -> dict[str, tuple[Pipeline, dict]]:
     """
     return {
         "logreg": (
-            # tol 1e-6: at scikit-learn's 1e-4, lbfgs stops early enough that its predictions at
-            # C >= 1 differed from the optimum's on up to 3.6 % of the rows (benchmarks/RESULTS.md)
-            Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression(tol=1e-6, max_iter=5000))]),
+            # tol 1e-8: at scikit-learn's 1e-4 (and on some folds at 1e-6) a cold lbfgs stops short of
+            # the optimum: its predictions at C >= 1 differed from the optimum's on up to 3.6 % of the
+            # rows. The warm-started path of deepfeat.search reaches it at no extra cost
+            Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression(tol=1e-8, max_iter=5000))]),
             {"clf__C": [0.01, 0.1, 1.0, 10.0]},
         ),
         "linear_svm": (
@@ -248,8 +249,8 @@ def compare_heads(
         (best parameters) and ``estimator`` (the refitted best estimator, or
         None). ``search_time`` is the seconds of work on that head's fits,
         summed over the workers. ``df.attrs`` holds ``scoring``, ``n_splits``,
-        ``search_seconds`` (wall time of all the searches) and
-        ``refit_seconds``.
+        ``search_seconds`` (wall time of all the searches), ``n_jobs`` (the
+        workers) and ``refit_seconds``.
 
     See Also
     --------
@@ -336,6 +337,7 @@ def compare_heads(
         name = board.at[rank, "head"]
         board.at[rank, "estimator"] = _refit(checked[name][0], board.at[rank, "params"], X, y, n_jobs)
     board.attrs.update(scoring=scoring, n_splits=len(folds), search_seconds=wall,
+                       n_jobs=worker_count(n_jobs),
                        refit_seconds=time.perf_counter() - t_refit)
     return board
 
@@ -349,7 +351,7 @@ def _refit(est: BaseEstimator, params: dict, X: np.ndarray, y: np.ndarray, n_job
     model = clone(est).set_params(**params)
     final = model.steps[-1][1] if isinstance(model, Pipeline) else model
     serial = isinstance(final, BaseEnsemble) and final.get_params(deep=False).get("n_jobs", 0) is None
-    workers = available_cores() if n_jobs is None or n_jobs < 0 else int(n_jobs)
+    workers = worker_count(n_jobs)
     if serial and workers > 1:
         final.set_params(n_jobs=workers)
     with threadpool_limits(limits=1, user_api="blas"):  # as in the search (deepfeat.search)
@@ -546,6 +548,20 @@ def save_model(pipeline: Pipeline, path: str | os.PathLike) -> None:
 TRUSTED_MODULES = ("deepfeat.", "sklearn.")
 #: other classes a deepfeat model legitimately holds (a ``Path`` given as ``model=`` or ``cache=``)
 TRUSTED_CLASSES = frozenset({"pathlib.Path", "pathlib.PosixPath", "pathlib.WindowsPath"})
+#: scikit-learn's own classes that are not estimators but that fitted heads hold (a forest's trees, a
+#: neighbour search's tree and distance metric), by their base classes; each must still resolve to a class
+#: defined in the scikit-learn module named
+SKLEARN_STATE_BASES = (
+    ("sklearn.tree._tree", "Tree"), ("sklearn.neighbors._kd_tree", "BinaryTree64"),
+    ("sklearn.neighbors._ball_tree", "BinaryTree64"), ("sklearn.metrics._dist_metrics", "DistanceMetric"),
+)
+
+
+def _state_bases() -> tuple[type, ...]:
+    import importlib
+
+    return tuple(getattr(importlib.import_module(m), c) for m, c in SKLEARN_STATE_BASES
+                 if hasattr(importlib.import_module(m), c))
 
 
 def _trusted_type(name: str) -> bool:
@@ -567,7 +583,9 @@ def _trusted_type(name: str) -> bool:
         obj = getattr(importlib.import_module(module), attr, None)
     except ImportError:
         return False
-    return isinstance(obj, type) and obj.__module__ == module and issubclass(obj, BaseEstimator)
+    if not (isinstance(obj, type) and obj.__module__ == module):
+        return False
+    return module.startswith("sklearn.") and issubclass(obj, _state_bases()) or issubclass(obj, BaseEstimator)
 
 
 def _skops():

@@ -55,14 +55,14 @@ from sklearn.pipeline import Pipeline
 from sklearn.svm import SVC, LinearSVC
 from threadpoolctl import threadpool_limits
 
-__all__ = ["HeadSearch", "search_heads", "available_cores"]
+__all__ = ["HeadSearch", "search_heads", "available_cores", "worker_count"]
 
 logger = logging.getLogger(__name__)
 
 #: the row-space reduction pays when the training rows are fewer than this share of the features
 REDUCE_BELOW = 0.8
 #: largest training-fold kernel matrix (float64 bytes) built for SVC or kNN; beyond it they compute their own
-MAX_KERNEL_BYTES = 512 * 2**20
+MAX_KERNEL_BYTES = 256 * 2**20
 #: eigenvalues of the fold's kernel matrix below this share of the largest span no direction of the rows
 _EIG_RTOL = 1e-10
 
@@ -73,6 +73,11 @@ def available_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+def worker_count(n_jobs: int | None) -> int:
+    """Workers for ``n_jobs``: ``None`` or negative means one per available core."""
+    return available_cores() if n_jobs is None or n_jobs < 0 else max(1, int(n_jobs))
 
 
 @dataclass
@@ -364,7 +369,7 @@ def _fold_task(view: _FoldView, group: _Group, scoring: Any) -> list[tuple[int, 
             run(cand, fit_svm)
         elif type(est) is SVC and _kernel_ok(view) and _svc_kernel(est, view) is not None:
             def fit_svc(est=est):
-                K, Kt = _svc_kernel(est, view)  # type: ignore[misc]
+                K, Kt = _svc_kernel(est, view)
                 return clone(est).set_params(kernel="precomputed").fit(K, view.y_train), Kt
             run(cand, fit_svc)
         elif _knn_precomputable(est) and _kernel_ok(view):
@@ -425,7 +430,7 @@ def search_heads(
     >>> found["logreg"].params[found["logreg"].best_index]
     {'clf__C': 10.0}
     """
-    workers = available_cores() if n_jobs is None or n_jobs < 0 else max(1, int(n_jobs))
+    workers = worker_count(n_jobs)
     plans = {name: _groups(est, grid) for name, (est, grid) in heads.items()}
     views: dict[tuple[int, tuple], _FoldView] = {}
     tasks = []

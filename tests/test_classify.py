@@ -1,5 +1,6 @@
 """Head comparison, saved image pipelines, prediction, and the classify/predict commands."""
 
+import re
 from pathlib import Path
 
 import joblib
@@ -150,6 +151,18 @@ def test_image_pipeline_save_load_predict(tiny, photo_folder, tmp_path):
     assert (loaded.predict(df["path"]) == expected).all()
 
 
+@pytest.mark.parametrize("head", ["logreg", "linear_svm", "rbf_svm", "random_forest", "knn"])
+def test_every_default_head_saved_as_skops_loads_back(tiny, photo_folder, tmp_path, head):
+    """Whatever classify can save (a forest holds sklearn.tree._tree.Tree objects), load_model takes."""
+    _, df = photo_folder
+    emb = tiny.fit()
+    X = emb.transform(df["path"])
+    pipe = make_image_pipeline(emb, default_heads()[head][0].fit(X, df["label"]))
+    save_model(pipe, tmp_path / "m.skops")
+    loaded = load_model(tmp_path / "m.skops")
+    assert (loaded.predict(df["path"]) == pipe.predict(df["path"])).all()
+
+
 def test_make_image_pipeline_and_load_model_errors(tiny, tmp_path):
     with pytest.raises(ValueError, match="fitted ImageEmbedder"):
         make_image_pipeline(tiny, LogisticRegression())
@@ -216,6 +229,10 @@ def test_classify_and_predict_commands_on_real_photos(photo_folder, tmp_path, ca
     # six distinct photos, cropped: the pretrained features separate them almost perfectly
     assert acc >= 0.9
     assert "predicted" in out and "true" in out  # the confusion matrix
+    # where the time went, head by head
+    report = next(line for line in out.splitlines() if line.startswith("time: "))
+    assert re.fullmatch(r"time: embedding \d+\.\d s; head searches \d+\.\d s on \d+ threads \((logreg|knn) "
+                        r"\d+\.\d, (logreg|knn) \d+\.\d s of work\), refit \d+\.\d s; test \d+\.\d s", report), report
 
     pipe = load_model(model)
     assert isinstance(pipe.steps[0][1], ImageEmbedder)

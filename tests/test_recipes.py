@@ -85,6 +85,9 @@ def test_classify_auto_end_to_end(tmp_path, photo_folder, capsys):
     assert "--auto:" in text and "recipe --layers" in text and "keeping the" in text
     assert "search" in text.splitlines()[[i for i, l in enumerate(text.splitlines()) if "rank" in l][0]]
     assert "test: 36 images, accuracy" in text and "--auto took" in text
+    report = next(line for line in text.splitlines() if line.startswith("time: "))
+    assert report.startswith("time: --auto probe ") and "head searches on the recipe " in report
+    assert "head searches on the default layer " in report and "; test " in report
     pipe = load_model(out)
     assert (pipe.predict(df["path"][:4]) == pipe.predict(df["path"][:4])).all()
     with pytest.raises(SystemExit, match="--auto chooses the layers itself"):
