@@ -12,6 +12,7 @@ and -Lite2) are exported on demand when PyTorch is installed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.client
 import importlib.util
 import logging
@@ -29,6 +30,10 @@ __all__ = ["fetch_model", "download_file", "ModelDownloadError", "NoNetworkError
 logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
+#: the most bytes taken from a server that states no size and for a file without a pinned one
+MAX_DOWNLOAD_BYTES = 4 << 30
+#: slowest average rate a mirror is given time for (bytes/s): the default deadline of a mirror
+MIN_RATE = 64 << 10
 #: HTTP statuses worth another try (the server may recover); others are final
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
@@ -48,6 +53,7 @@ def fetch_model(
     retries: int = 4,
     backoff: float = 1.0,
     timeout: float = 60.0,
+    deadline: float | None = None,
 ) -> Path:
     """Put the file of a registered model into the user cache and return its path.
 
@@ -72,6 +78,10 @@ def fetch_model(
         Seconds before the first retry, doubled for each further one.
     timeout : float
         Socket timeout in seconds for connecting and for each read.
+    deadline : float, optional
+        Seconds one mirror is given for the whole file, retries included; a
+        mirror past it is left for the next one. Default: ``timeout`` plus the
+        pinned size at 64 KiB/s (for a 100 MB file, about 27 minutes).
 
     Returns
     -------
@@ -96,7 +106,7 @@ def fetch_model(
     dest_dir = Path(dest_dir) if dest_dir is not None else user_models_dir()
     dest = dest_dir / spec.filename
     if spec.urls:
-        return _from_mirrors(spec, dest, retries=retries, backoff=backoff, timeout=timeout)
+        return _from_mirrors(spec, dest, retries=retries, backoff=backoff, timeout=timeout, deadline=deadline)
     if spec.exporter:
         return _export_on_demand(spec, dest)
     raise ModelFileError(
@@ -106,16 +116,20 @@ def fetch_model(
     )
 
 
-def _from_mirrors(spec: ModelSpec, dest: Path, *, retries: int, backoff: float, timeout: float) -> Path:
+def _from_mirrors(spec: ModelSpec, dest: Path, *, retries: int, backoff: float, timeout: float,
+                  deadline: float | None) -> Path:
     """Try each mirror in turn; the first that serves the pinned bytes wins."""
     tried: list[str] = []
     offline = True
-    # size_bytes is the primary file's; an alternate upload may have another size
+    # size_bytes is the primary file's; an alternate upload may have another size (the two MXNet ResNet-50
+    # uploads differ by 174 bytes), but not one out of all proportion
     size = spec.size_bytes if not spec.sha256_also else None
+    most = None if size is not None or not spec.size_bytes else max(4 * spec.size_bytes, spec.size_bytes + (64 << 20))
     for i, url in enumerate(spec.urls):
         try:
             return download_file(url, dest, sha256=spec.accepted_sha256 or None, size=size,
-                                 retries=retries, backoff=backoff, timeout=timeout)
+                                 retries=retries, backoff=backoff, timeout=timeout, deadline=deadline,
+                                 max_bytes=most)
         except ModelDownloadError as exc:
             offline = offline and isinstance(exc, NoNetworkError)
             tried.append(f"  {url}\n    -> {exc}")
@@ -146,6 +160,8 @@ def download_file(
     retries: int = 4,
     backoff: float = 1.0,
     timeout: float = 60.0,
+    deadline: float | None = None,
+    max_bytes: int | None = None,
 ) -> Path:
     """Download ``url`` to ``dest`` atomically, resuming and checking sha256.
 
@@ -164,9 +180,13 @@ def download_file(
         Expected hex digest (or the digests a publisher has published for the
         file: any one matches). ``None`` skips the check (not used for registry files).
     size : int, optional
-        Expected size in bytes, for the progress bar and an early error.
-    retries, backoff, timeout
-        As in :func:`fetch_model`.
+        Expected size in bytes. A server that sends more is refused as soon as
+        it does (the ``.part`` file is deleted), whatever its Content-Length.
+    retries, backoff, timeout, deadline
+        As in :func:`fetch_model` (``deadline`` counts for this URL).
+    max_bytes : int, optional
+        Without ``size``: the most bytes accepted (default: the server's
+        Content-Length, or ``MAX_DOWNLOAD_BYTES``, 4 GiB, if it states none).
 
     Returns
     -------
@@ -191,13 +211,17 @@ def download_file(
         if dest.is_file() and (accepted is None or file_sha256(dest) in accepted):
             return dest
         resumed = _bytes(part) > 0
-        _transfer_with_retries(url, part, dest, size=size, retries=retries, backoff=backoff, timeout=timeout)
+        if deadline is None:
+            deadline = timeout + (size or max_bytes or MAX_DOWNLOAD_BYTES) / MIN_RATE
+        limits = _Limits(size=size, most=size if size is not None else (max_bytes or MAX_DOWNLOAD_BYTES),
+                         deadline=time.monotonic() + deadline, seconds=deadline)
+        _transfer_with_retries(url, part, dest, limits=limits, retries=retries, backoff=backoff, timeout=timeout)
         got = file_sha256(part)
         if accepted is not None and got not in accepted and resumed:
             # the kept bytes may come from another mirror or an older file: once, from byte 0
             logger.warning("resumed download of %s has the wrong sha256; downloading it again", url)
             part.unlink()
-            _transfer_with_retries(url, part, dest, size=size, retries=retries,
+            _transfer_with_retries(url, part, dest, limits=limits, retries=retries,
                                    backoff=backoff, timeout=timeout)
             got = file_sha256(part)
         if accepted is not None and got not in accepted:
@@ -214,13 +238,33 @@ def download_file(
     return dest
 
 
+@dataclasses.dataclass(frozen=True)
+class _Limits:
+    """What one URL may cost: its pinned size, the most bytes taken, and a monotonic deadline."""
+
+    size: int | None
+    most: int
+    deadline: float
+    seconds: float
+
+    def check_time(self, url: str, part: Path) -> None:
+        if time.monotonic() > self.deadline:
+            raise ModelDownloadError(
+                f"Downloading {url} did not finish within its deadline of {self.seconds:.0f} s "
+                f"({_bytes(part)} bytes arrived; they are kept in {part} and a later run resumes them). "
+                "The server is too slow: try again later (or with fetch_model(..., deadline=SECONDS)), "
+                f"or put the file at {part.with_suffix('')} by hand."
+            )
+
+
 def _transfer_with_retries(
-    url: str, part: Path, dest: Path, *, size: int | None, retries: int, backoff: float, timeout: float
+    url: str, part: Path, dest: Path, *, limits: _Limits, retries: int, backoff: float, timeout: float
 ) -> None:
     attempt = 0
     while True:
+        limits.check_time(url, part)
         try:
-            _transfer(url, part, size=size, timeout=timeout)
+            _transfer(url, part, limits=limits, timeout=max(0.1, min(timeout, limits.deadline - time.monotonic())))
             return
         except _Retryable as exc:
             # an unreachable server (offline, DNS) rarely recovers in seconds: one retry
@@ -236,7 +280,7 @@ def _transfer_with_retries(
                     f"{_bytes(part)} bytes are kept in {part}; run again to resume, "
                     f"or put the file at {dest}."
                 ) from exc.__cause__
-            delay = backoff * 2**attempt
+            delay = min(backoff * 2**attempt, max(0.0, limits.deadline - time.monotonic()))
             logger.warning("download of %s failed (%s); retry %d of %d in %.1f s",
                            url, exc, attempt + 1, retries, delay)
             time.sleep(delay)
@@ -260,8 +304,9 @@ class _Retryable(Exception):
         self.offline = offline
 
 
-def _transfer(url: str, part: Path, *, size: int | None, timeout: float) -> None:
+def _transfer(url: str, part: Path, *, limits: _Limits, timeout: float) -> None:
     """One attempt: append the missing bytes to ``part``. Raises ``_Retryable``."""
+    size = limits.size
     have = _bytes(part)
     if size is not None and have == size:
         return  # complete from an earlier run; the caller checks the hash
@@ -296,11 +341,25 @@ def _transfer(url: str, part: Path, *, size: int | None, timeout: float) -> None
             logger.info("server ignored the Range request; downloading %s from the start", url)
         total = _total_size(resp, have if mode == "ab" else 0, size)
         start = have if mode == "ab" else 0
+        # the pinned size bounds what is taken, whatever the server says; without one, its own
+        # Content-Length (or the hard cap)
+        most = limits.most if size is not None or total is None else min(total, limits.most)
+        read = getattr(resp, "read1", resp.read)  # what has arrived, so a trickle still meets the deadline
         try:
             with open(part, mode) as f, _progress(total, start, part.name) as bar:
-                for chunk in iter(lambda: resp.read(_CHUNK), b""):
+                got = start
+                while chunk := read(_CHUNK):
+                    got += len(chunk)
+                    if got > most:
+                        f.close()
+                        part.unlink()
+                        raise ModelDownloadError(
+                            f"{url} sent more than the {most} bytes {'pinned for' if size is not None else 'stated for'} "
+                            f"{part.with_suffix('').name}: not the file (the partial download was deleted)."
+                        )
                     f.write(chunk)
                     bar.update(len(chunk))
+                    limits.check_time(url, part)
                 f.flush()
                 os.fsync(f.fileno())
         except (http.client.HTTPException, ConnectionError, TimeoutError) as exc:

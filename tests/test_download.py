@@ -12,6 +12,7 @@ import hashlib
 import http.server
 import socket
 import threading
+import time
 
 import numpy as np
 import onnx
@@ -82,6 +83,32 @@ class _Server:
                 rng = self.headers.get("Range")
                 outer.requests.append((self.path, rng))
                 body = MODEL
+                if self.path in ("/endless.onnx", "/liar.onnx"):
+                    # the pinned file, then more: no Content-Length, or one that lies; bounded at 64 MB
+                    self.send_response(200)
+                    if self.path == "/liar.onnx":
+                        self.send_header("Content-Length", str(10 << 30))
+                    self.end_headers()
+                    try:
+                        self.wfile.write(body)
+                        for _ in range(64):
+                            self.wfile.write(b"\0" * (1 << 20))
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                    return
+                if self.path == "/trickle.onnx":
+                    # one byte every 50 ms: each read is within any socket timeout, the whole never is
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    try:
+                        for i in range(200):
+                            self.wfile.write(body[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(0.05)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                    return
                 if self.path == "/missing.onnx":
                     self.send_error(404)
                     return
@@ -348,3 +375,28 @@ def test_an_accepted_alternate_digest_of_another_size_downloads_through_drops(se
     spec = ModelSpec(**{**{k: getattr(spec, k) for k in spec.__dataclass_fields__},
                         "size_bytes": int(len(MODEL) * 0.4), "layers": {}})
     assert fetch_model(spec, dest_dir=tmp_path, backoff=0).read_bytes() == MODEL
+
+
+@pytest.mark.parametrize("path", ["/endless.onnx", "/liar.onnx"])
+def test_a_server_sending_more_than_the_pinned_size_is_cut_off(server, tmp_path, path):
+    """The pinned file followed by an endless body (no size, or a lying Content-Length of 10 GB)."""
+    with pytest.raises(ModelDownloadError, match=rf"sent more than the {len(MODEL)} bytes pinned for") as err:
+        download_file(server.url + path, tmp_path / "m.onnx", sha256=SHA, size=len(MODEL), backoff=0)
+    assert "deleted" in str(err.value)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_without_a_pinned_size_the_hard_cap_holds(server, tmp_path):
+    with pytest.raises(ModelDownloadError, match=r"sent more than the 2000000 bytes stated for"):
+        download_file(server.url + "/endless.onnx", tmp_path / "m.onnx", sha256=SHA, max_bytes=2_000_000)
+
+
+def test_a_trickling_mirror_meets_its_deadline_and_the_next_one_serves(server, tmp_path, caplog):
+    t = time.monotonic()
+    with pytest.raises(ModelDownloadError, match=r"did not finish within its deadline of 1 s") as err:
+        download_file(server.url + "/trickle.onnx", tmp_path / "m.onnx", sha256=SHA, size=len(MODEL),
+                      timeout=5, deadline=1.0, backoff=0)
+    assert time.monotonic() - t < 4  # not the 10 s the trickle would take, nor timeout x retries
+    assert "kept in" in str(err.value)
+    spec = _spec(server.url + "/trickle.onnx", server.url + "/good.onnx")
+    assert fetch_model(spec, dest_dir=tmp_path / "d", deadline=1.0, backoff=0).read_bytes() == MODEL
