@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -110,11 +112,11 @@ def cmd_embed(args) -> int:
     dt = time.perf_counter() - t0
     feats = pd.DataFrame(X, columns=emb.get_feature_names_out(), index=df.index)
     out = pd.concat([df.reset_index(drop=True), feats.reset_index(drop=True)], axis=1)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    if out_path.suffix.lower() == ".csv":
-        out.to_csv(out_path, index=False)
-    else:
-        _write_parquet(out, out_path, emb)
+    with _atomic_output(out_path) as tmp:
+        if out_path.suffix.lower() == ".csv":
+            out.to_csv(tmp, index=False)
+        else:
+            _write_parquet(out, tmp, emb)
     failed = len(emb.failures_)
     print(
         f"embedded {len(df) - failed} of {len(df)} images -> {out_path} "
@@ -135,6 +137,26 @@ def cmd_embed(args) -> int:
             more = f"see {args.failures}" if args.failures else "use --failures FILE for the full list"
             print(f"  ... and {failed - _MAX_LISTED} more ({more})", file=sys.stderr)
     return 0
+
+
+@contextlib.contextmanager
+def _atomic_output(path: Path):
+    """A temporary file beside ``path`` that takes its name only once written whole: a killed run
+    leaves the old file (or none), never a half-written one under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # the mode a plain open() would give, not mkstemp's 0600
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _write_parquet(out: "pd.DataFrame", path: Path, emb) -> None:
@@ -173,9 +195,8 @@ _MAX_LISTED = 20
 
 
 def _write_failures(failures: pd.DataFrame, path: str) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    failures.to_csv(out, index=False)
+    with _atomic_output(Path(path)) as tmp:
+        failures.to_csv(tmp, index=False)
 
 
 def _report_raise(exc, df: pd.DataFrame, args) -> int:
@@ -291,6 +312,7 @@ def cmd_classify(args) -> int:
     test = _labelled(args.test, args) if args.test else None
     t_auto = time.perf_counter()
     recipe = _auto_layers(train, args) if args.auto else None
+    t_probe = time.perf_counter() - t_auto
     emb = _embedder(args)
     if recipe is not None:
         emb.set_params(layers=recipe)
@@ -304,6 +326,7 @@ def cmd_classify(args) -> int:
     )
     board = compare_heads(X, y, heads, cv=args.cv, scoring=args.scoring, n_jobs=args.n_jobs, random_state=args.seed,
                           progress=not args.no_progress)
+    searched = [board]
     if recipe is not None:
         # the probe is noisy on a few hundred images: keep the recipe only if the heads, under the
         # same folds and on the training images alone, do at least as well as on the default layer
@@ -311,6 +334,7 @@ def cmd_classify(args) -> int:
         Xd, yd = _embed_rows(plain, train, "training")
         default_board = compare_heads(Xd, yd, heads, cv=args.cv, scoring=args.scoring, n_jobs=args.n_jobs,
                                       random_state=args.seed, progress=not args.no_progress)
+        searched = [board, default_board]
         ours, theirs = board["mean_test_score"].iloc[0], default_board["mean_test_score"].iloc[0]
         keep = ours > theirs
         print(f"--auto: best head CV {ours:.3f} on the recipe, {theirs:.3f} on the default layer "
@@ -329,6 +353,7 @@ def cmd_classify(args) -> int:
                          "add images, or pick other heads with --heads")
     pipe = make_image_pipeline(emb, best["estimator"])
     save_model(pipe, args.output)
+    t_test0 = time.perf_counter()
     print(f"\nbest head: {best['head']} -> {args.output} (apply it: deepfeat predict {args.output} PATHS)")
     if test is not None:
         Xt, yt = _embed_rows(emb, test, "test")
@@ -337,9 +362,26 @@ def cmd_classify(args) -> int:
         print(f"\ntest: {len(yt)} images, accuracy {acc:.4f} ({int((pred == yt).sum())}/{len(yt)}){_cache_note(emb)}")
         labels = sorted(set(y) | set(yt))
         print(confusion_table(yt, pred, labels=labels).to_string())
+    t_test = time.perf_counter() - t_test0
+    print("\n" + _time_report(t_probe if recipe is not None else None, t_embed, searched, t_test if test is not None
+                              else None, board.attrs.get("n_jobs")))
     if recipe is not None:
-        print(f"\n--auto took {time.perf_counter() - t_auto:.1f} s in all (layer choice, heads, test)")
+        print(f"--auto took {time.perf_counter() - t_auto:.1f} s in all (layer choice, heads, test)")
     return 0
+
+
+def _time_report(probe: float | None, embed: float, boards: list, test: float | None, workers) -> str:
+    """Where classify's time went: embedding, each head's search (work seconds over the workers), test."""
+    parts = [f"--auto probe {probe:.1f} s"] if probe is not None else []
+    parts.append(f"embedding {embed:.1f} s")
+    for i, b in enumerate(boards):
+        heads = ", ".join(f"{h} {t:.1f}" for h, t in zip(b["head"], b["search_time"]))
+        which = "" if len(boards) == 1 else (" on the recipe" if i == 0 else " on the default layer")
+        parts.append(f"head searches{which} {b.attrs['search_seconds']:.1f} s on {b.attrs['n_jobs']} threads "
+                     f"({heads} s of work), refit {b.attrs['refit_seconds']:.1f} s")
+    if test is not None:
+        parts.append(f"test {test:.1f} s")
+    return "time: " + "; ".join(parts)
 
 
 def _auto_layers(train: "pd.DataFrame", args) -> list:
@@ -401,8 +443,8 @@ def cmd_predict(args) -> int:
         raise SystemExit(f"deepfeat: no image files in {args.paths}")
     result = predict_paths(pipe, paths)
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        result.to_csv(args.output, index=False)
+        with _atomic_output(Path(args.output)) as tmp:
+            result.to_csv(tmp, index=False)
         print(f"predicted {int(result['error'].isna().sum())} of {len(result)} images -> {args.output}")
     else:
         with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 80):
@@ -697,7 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", default=None, help="comma-separated subset of: logreg,linear_svm,rbf_svm,random_forest,knn")
     p.add_argument("--cv", type=int, default=5, help="stratified folds (lowered to the smallest class size)")
     p.add_argument("--scoring", default="accuracy", help="scikit-learn scorer: accuracy, balanced_accuracy, f1_macro...")
-    p.add_argument("--n-jobs", type=int, default=None, help="parallel fits per grid search (-1: all cores)")
+    p.add_argument("--n-jobs", type=int, default=None, help="worker threads for the head searches (default: one per core; 1: one fit after another)")
     p.add_argument("--seed", type=int, default=0, help="seed of the CV shuffle and the random forest")
     p.add_argument("--leaderboard", default=None, metavar="CSV", help="also write the leaderboard to this CSV")
     p.add_argument("--auto", action="store_true",

@@ -17,6 +17,38 @@ def test_embed_folder_to_parquet(photo_folder, tmp_path, capsys):
     assert "CPUExecutionProvider" in capsys.readouterr().out
 
 
+def test_an_interrupted_embed_leaves_no_half_written_output(photo_folder, tmp_path, monkeypatch):
+    """The output takes its final name only once written whole; the file that was there stays."""
+    import pytest
+
+    root, df = photo_folder
+    out = tmp_path / "feats.csv"
+    out.write_text("the previous run's output\n")
+
+    def killed_halfway(self, path, **kw):
+        with open(path, "w") as f:
+            f.write("path,label\n" + "half a row")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        main(["embed", str(root), "-o", str(out), "--no-progress"])
+    assert out.read_text() == "the previous run's output\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["feats.csv"]  # no temporary file left
+    monkeypatch.undo()
+    assert main(["embed", str(root), "-o", str(out), "--no-progress"]) == 0
+    assert len(pd.read_csv(out)) == len(df)
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask():
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_embed_csv_with_relative_paths(photo_folder, tmp_path):
     root, df = photo_folder
     csv = root / "list.csv"
