@@ -628,18 +628,60 @@ def load_model(path: str | os.PathLike) -> Pipeline:
         raise FileNotFoundError(f"No saved model at {path!r}; create one with `deepfeat classify TRAIN -o {path}`.")
     if path.endswith(".skops"):
         sio = _skops()
-        types = sio.get_untrusted_types(file=path)
+        _check_skops_archive(path)
+        try:
+            types = sio.get_untrusted_types(file=path)
+        except Exception as exc:  # a forged or damaged schema: one line, not skops' traceback
+            raise ValueError(f"The model file {path!r} is not a readable .skops file "
+                             f"({type(exc).__name__}: {_last_line(exc)}); it was not loaded.") from None
         refused = sorted(t for t in types if not _trusted_type(t))
         if refused:
             raise ValueError(
                 f"The model file {path!r} holds types that are neither deepfeat's nor scikit-learn's: {refused}. "
                 "It was not loaded. If you trust its author, load it with skops.io.load(path, trusted=[...]) yourself."
             )
-        obj = sio.load(path, trusted=types)
+        try:
+            obj = sio.load(path, trusted=types)
+        except Exception as exc:
+            raise ValueError(f"The model file {path!r} could not be loaded by skops "
+                             f"({type(exc).__name__}: {_last_line(exc)}); it was not loaded.") from None
     else:
         obj = joblib.load(path)
     _check_image_pipeline(obj, path)
     return obj
+
+
+#: the largest schema.json and the largest other member a ``.skops`` file may hold (uncompressed bytes):
+#: a head on a few hundred thousand 1280-d rows (kNN keeps them all) stays well below
+MAX_SKOPS_SCHEMA_BYTES = 64 << 20
+MAX_SKOPS_MEMBER_BYTES = 1 << 30
+#: a member larger than 16 MiB that compresses better than this is a decompression bomb, not a model
+MAX_SKOPS_RATIO = 200
+
+
+def _last_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[-1][:200]
+
+
+def _check_skops_archive(path: str) -> None:
+    """Refuse, from the zip directory alone (nothing is decompressed), a ``.skops`` file too large to be a model."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = zf.infolist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ValueError(f"The model file {path!r} is not a .skops file (not a readable zip archive: "
+                         f"{_last_line(exc)}); it was not loaded.") from None
+    for info in members:
+        limit = MAX_SKOPS_SCHEMA_BYTES if info.filename == "schema.json" else MAX_SKOPS_MEMBER_BYTES
+        ratio = info.file_size / max(info.compress_size, 1)
+        if info.file_size > limit or (info.file_size > 16 << 20 and ratio > MAX_SKOPS_RATIO):
+            raise ValueError(
+                f"The model file {path!r} holds {info.filename!r} of {info.file_size} bytes uncompressed "
+                f"({ratio:.0f}x its stored size; at most {limit} bytes and {MAX_SKOPS_RATIO}x are accepted): "
+                "it was not loaded."
+            )
 
 
 def _check_image_pipeline(obj, where: str) -> None:

@@ -304,6 +304,50 @@ def test_a_skops_file_naming_a_function_under_a_trusted_module_is_refused(tmp_pa
     assert _trusted_type("pathlib.PosixPath")
 
 
+def test_skops_bombs_and_damaged_files_are_refused_in_one_line(tmp_path):
+    """Member sizes are checked from the zip directory before anything is decompressed; a file that is
+    not a zip, a truncated one and a schema without a protocol are each one ValueError naming the file."""
+    sio = pytest.importorskip("skops.io")
+    import json
+    import time
+    import zipfile
+
+    from sklearn.preprocessing import StandardScaler
+
+    from deepfeat.classify import load_model
+
+    good = tmp_path / "good.skops"
+    sio.dump(StandardScaler(), good)
+    schema = zipfile.ZipFile(good).read("schema.json")
+
+    spaces = tmp_path / "spaces.skops"  # the schema and 64 MiB of blanks: about 64 KB on disk
+    with zipfile.ZipFile(spaces, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("schema.json", schema + b" " * (64 << 20))
+    big = tmp_path / "bignpy.skops"  # a 40 MiB member that deflates 1000x
+    with zipfile.ZipFile(big, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("schema.json", schema)
+        z.writestr("0.npy", b"\0" * (40 << 20))
+    for path, what in ((spaces, rf"'schema.json' of {len(schema) + (64 << 20)} bytes"),
+                       (big, "'0.npy' of 41943040 bytes")):
+        assert path.stat().st_size < 1 << 20
+        t = time.monotonic()
+        with pytest.raises(ValueError, match=f"{path.name}.*holds {what} uncompressed.*not loaded"):
+            load_model(path)
+        assert time.monotonic() - t < 1.0  # refused from the directory, not after inflating it
+
+    junk = tmp_path / "junk.skops"
+    junk.write_bytes(b"not a zip at all")
+    truncated = tmp_path / "truncated.skops"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    noproto = tmp_path / "noproto.skops"
+    with zipfile.ZipFile(noproto, "w") as z:
+        z.writestr("schema.json", json.dumps({k: v for k, v in json.loads(schema).items() if k != "protocol"}))
+    for path in (junk, truncated, noproto):
+        with pytest.raises(ValueError, match=f"{path.name}.*not a (readable )?.skops file") as err:
+            load_model(path)
+        assert "\n" not in str(err.value)
+
+
 def test_an_old_pickle_without_tta_still_transforms(tiny_model_path, sample_photos):
     import joblib
 
