@@ -17,7 +17,7 @@ def test_embed_folder_to_parquet(photo_folder, tmp_path, capsys):
     assert "CPUExecutionProvider" in capsys.readouterr().out
 
 
-def test_an_interrupted_embed_leaves_no_half_written_output(photo_folder, tmp_path, monkeypatch):
+def test_an_interrupted_embed_leaves_no_half_written_output(photo_folder, tmp_path, monkeypatch, capsys):
     """The output takes its final name only once written whole; the file that was there stays."""
     import pytest
 
@@ -31,8 +31,10 @@ def test_an_interrupted_embed_leaves_no_half_written_output(photo_folder, tmp_pa
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", killed_halfway)
-    with pytest.raises(KeyboardInterrupt):
-        main(["embed", str(root), "-o", str(out), "--no-progress"])
+    assert main(["embed", str(root), "-o", str(out), "--no-progress"]) == 130  # Ctrl-C: one line, exit 130
+    assert capsys.readouterr().err == "deepfeat: interrupted\n"
+    with pytest.raises(KeyboardInterrupt):  # -vv keeps the traceback
+        main(["embed", str(root), "-o", str(out), "--no-progress", "-vv"])
     assert out.read_text() == "the previous run's output\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["feats.csv"]  # no temporary file left
     monkeypatch.undo()
