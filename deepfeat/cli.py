@@ -608,12 +608,6 @@ def cmd_export(args) -> int:
     except ImportError as exc:
         print(f"deepfeat: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        if verbosity >= 2:
-            raise
-        # the work's own cleanup (claims, temporary outputs) has run on the way up; one line, the shell's code
-        print("deepfeat: interrupted", file=sys.stderr)
-        return 130
 
 
 def _cmd_export(args) -> int:
