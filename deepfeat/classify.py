@@ -223,7 +223,8 @@ def compare_heads(
         grid). ``None`` uses :func:`default_heads`.
     cv : int or CV splitter, default=5
         Number of stratified, shuffled folds (lowered to the smallest class
-        size), or any scikit-learn splitter.
+        size), any scikit-learn splitter, or an iterable of (train, test)
+        index arrays.
     scoring : str, default="accuracy"
         A scikit-learn scorer name (``"balanced_accuracy"``, ``"f1_macro"``...).
     n_jobs : int or None, default=None
@@ -281,8 +282,12 @@ def compare_heads(
             f"X has NaN in {len(bad)} rows (first: {bad[:5].tolist()}), usually images that failed to "
             "decode with on_error='skip'. Drop them first: keep = ~np.isnan(X).any(axis=1)."
         )
-    splitter: Any = stratified_cv(y, int(cv), random_state) if isinstance(cv, Integral) else cv
-    folds = list(splitter.split(X, y))
+    if isinstance(cv, Integral):
+        folds = list(stratified_cv(y, int(cv), random_state).split(X, y))
+    elif hasattr(cv, "split"):
+        folds = list(cv.split(X, y))
+    else:  # an iterable of (train, test) index arrays, as GridSearchCV takes
+        folds = [(np.asarray(tr), np.asarray(te)) for tr, te in cv]  # type: ignore[union-attr]
     smallest_fold = min(len(train) for train, _ in folds)
     checked = {name: (est, _fit_grid(grid, smallest_fold)) for name, (est, grid) in _check_heads(heads).items()}
     if refit not in (True, False, "best", "all"):

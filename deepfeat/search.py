@@ -46,6 +46,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 from joblib import Parallel, delayed
+from scipy.sparse import issparse
 from sklearn.base import BaseEstimator, clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import check_scoring
@@ -63,8 +64,8 @@ logger = logging.getLogger(__name__)
 REDUCE_BELOW = 0.8
 #: largest training-fold kernel matrix (float64 bytes) built for SVC or kNN; beyond it they compute their own
 MAX_KERNEL_BYTES = 256 * 2**20
-#: eigenvalues of the fold's kernel matrix below this share of the largest span no direction of the rows
-_EIG_RTOL = 1e-10
+#: the narrowest kept eigenvalue share of the fold's kernel matrix for which the row space is used
+_EIG_RTOL = 1e-8
 
 
 def available_cores() -> int:
@@ -177,8 +178,6 @@ def _groups(estimator: BaseEstimator, grid: Any) -> tuple[list[_Group], list[dic
         else:
             head = clone(estimator).set_params(**params)
             pre, final = head[:-1], head.steps[-1][1]
-        if final is None or final == "passthrough":
-            raise ValueError("the head's last step is 'passthrough'; it must be a classifier")
         key = () if pre is None else tuple(
             (type(step).__qualname__, _params_key(step.get_params(deep=False)) if hasattr(step, "get_params")
              else repr(step)) for _, step in pre.steps
@@ -212,8 +211,10 @@ class _FoldView:
             if self._pre is None:
                 return Xtr, Xte
             pre = clone(self._pre)
-            A = pre.fit_transform(Xtr, self.y_train)
-            return np.asarray(A), np.asarray(pre.transform(Xte))
+            A, B = pre.fit_transform(Xtr, self.y_train), pre.transform(Xte)
+            if issparse(A) or issparse(B):
+                return A, B  # fitted as they are: the shortcuts take dense rows only
+            return np.asarray(A), np.asarray(B)
         return self._once("data", build)
 
     def gram(self) -> tuple[np.ndarray, np.ndarray]:
@@ -239,16 +240,22 @@ class _FoldView:
             return D, np.maximum(b[:, None] + a[None, :] - 2 * Kt, 0)
         return self._once("sqdist", build)
 
-    def row_space(self, shift: float) -> tuple[np.ndarray, np.ndarray]:
+    def row_space(self, shift: float) -> tuple[np.ndarray, np.ndarray] | None:
         """Coordinates of the rows in an orthonormal basis of their span (with a constant column of value
-        ``sqrt(shift)`` appended, when ``shift`` > 0): ``Z @ Z.T`` is the kernel ``A @ A.T + shift``."""
+        ``sqrt(shift)`` appended, when ``shift`` > 0): ``Z @ Z.T`` is the kernel ``A @ A.T + shift``; None when
+        the kernel matrix is too ill-conditioned to give them exactly."""
         def build():
             K, Kt = self.gram()
             w, U = np.linalg.eigh(K + shift)
-            keep = w > w[-1] * _EIG_RTOL
+            # eigenvalues at rounding level are no direction (a centred fold loses one); a kept spectrum
+            # wider than 1e8 means the kernel matrix cannot resolve the small directions: no shortcut
+            keep = w > w[-1] * len(w) * 10 * np.finfo(np.float64).eps
+            if not keep.any() or w[keep].min() < w[-1] * _EIG_RTOL:
+                return None
             w, U = w[keep][::-1], U[:, keep][:, ::-1]
             root = np.sqrt(w)
             dtype = self.data()[0].dtype
+            dtype = dtype if np.issubdtype(dtype, np.floating) else np.float64  # never round to integers
             return (U * root).astype(dtype), ((Kt + shift) @ (U / root)).astype(dtype)
         return self._once(("rows", shift), build)
 
@@ -261,8 +268,13 @@ def _n_features(view: _FoldView) -> int:
     return int(view.data()[0].shape[1])
 
 
+def _dense(view: _FoldView) -> bool:
+    A = view.data()[0]
+    return isinstance(A, np.ndarray) and A.ndim == 2 and A.dtype.kind in "biuf"
+
+
 def _reducible_logreg(est: BaseEstimator, view: _FoldView) -> bool:
-    if type(est) is not LogisticRegression:
+    if type(est) is not LogisticRegression or not _dense(view):
         return False
     p = est.get_params()
     l2 = p.get("l1_ratio") in (0, 0.0, None) and p.get("penalty") in ("deprecated", "l2")
@@ -271,12 +283,12 @@ def _reducible_logreg(est: BaseEstimator, view: _FoldView) -> bool:
 
 
 def _reducible_linearsvc(est: BaseEstimator, view: _FoldView) -> bool:
-    return (type(est) is LinearSVC and est.get_params()["penalty"] == "l2"
+    return (type(est) is LinearSVC and _dense(view) and est.get_params()["penalty"] == "l2"
             and len(view.y_train) < REDUCE_BELOW * _n_features(view))
 
 
 def _kernel_ok(view: _FoldView) -> bool:
-    return len(view.y_train) ** 2 * 8 <= MAX_KERNEL_BYTES
+    return _dense(view) and len(view.y_train) ** 2 * 8 <= MAX_KERNEL_BYTES
 
 
 def _svc_kernel(est: SVC, view: _FoldView) -> tuple[np.ndarray, np.ndarray] | None:
@@ -350,9 +362,12 @@ def _fold_task(view: _FoldView, group: _Group, scoring: Any) -> list[tuple[int, 
         path.sort(key=lambda c: c.final.get_params()["C"])
         model = clone(path[0].final).set_params(warm_start=True)  # one model along the path
         for cand in path:
-            def fit_logreg(C=cand.final.get_params()["C"], model=model):
-                Z, Zt = view.row_space(0.0)
-                return model.set_params(C=C).fit(Z, view.y_train), Zt
+            def fit_logreg(C=cand.final.get_params()["C"], model=model, est=cand.final):
+                rows = view.row_space(0.0)
+                if rows is None:  # fitted as it is
+                    A, B = view.data()
+                    return clone(est).fit(A, view.y_train), B
+                return model.set_params(C=C).fit(rows[0], view.y_train), rows[1]
             run(cand, fit_logreg)
 
     for cand in rest:
@@ -364,8 +379,11 @@ def _fold_task(view: _FoldView, group: _Group, scoring: Any) -> list[tuple[int, 
                 # about square, so say it
                 dual = True if p["dual"] == "auto" else p["dual"]
                 shift = float(p["intercept_scaling"]) ** 2 if p["fit_intercept"] else 0.0
-                Z, Zt = view.row_space(shift)
-                return clone(est).set_params(fit_intercept=False, dual=dual).fit(Z, view.y_train), Zt
+                rows = view.row_space(shift)
+                if rows is None:
+                    A, B = view.data()
+                    return clone(est).fit(A, view.y_train), B
+                return clone(est).set_params(fit_intercept=False, dual=dual).fit(rows[0], view.y_train), rows[1]
             run(cand, fit_svm)
         elif type(est) is SVC and _kernel_ok(view) and _svc_kernel(est, view) is not None:
             def fit_svc(est=est):
@@ -472,7 +490,7 @@ def search_heads(
     # with several workers, OpenMP at one thread per worker too: the workers already fill the cores
     with threadpool_limits(limits=1, user_api="blas"), threadpool_limits(limits=1 if workers > 1 else None):
         if workers > 1:
-            for res in Parallel(n_jobs=workers, prefer="threads", return_as="generator_unordered")(
+            for res in Parallel(n_jobs=workers, backend="threading", return_as="generator_unordered")(
                     delayed(task)(*t) for t in tasks):
                 results.append(res)
                 if progress is not None:
