@@ -130,7 +130,6 @@ class HeadSearch:
 @dataclass
 class _Candidate:
     index: int
-    pre_params: dict
     final: BaseEstimator  # the final step, configured
 
 
@@ -183,7 +182,7 @@ def _groups(estimator: BaseEstimator, grid: Any) -> tuple[list[_Group], list[dic
              else repr(step)) for _, step in pre.steps
         )
         group = groups.setdefault(key, _Group(pre=pre, pre_key=key))
-        group.candidates.append(_Candidate(i, {}, final))
+        group.candidates.append(_Candidate(i, final))
     return list(groups.values()), candidates
 
 
@@ -300,7 +299,7 @@ def _svc_kernel(est: SVC, view: _FoldView) -> tuple[np.ndarray, np.ndarray] | No
     A = view.data()[0]
     if isinstance(p["gamma"], str):
         # what libsvm's wrapper resolves: 'scale' = 1 / (n_features * X.var()), 'auto' = 1 / n_features
-        var = float(np.asarray(A, dtype=np.float64).var())
+        var = view._once("var", lambda: float(np.asarray(A, dtype=np.float64).var()))
         gamma = 1.0 / (A.shape[1] * var) if p["gamma"] == "scale" and var != 0 else (
             1.0 if p["gamma"] == "scale" else 1.0 / A.shape[1])
     else:
@@ -328,6 +327,11 @@ def _knn_precomputable(est: BaseEstimator) -> bool:
     return bool(euclid and p["metric_params"] in (None, {}))
 
 
+def _reason(exc: BaseException) -> str:
+    """``Type: last line of the message``: what a leaderboard shows of a failed fit."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1][:160]}"
+
+
 def _fold_task(view: _FoldView, group: _Group, scoring: Any) -> list[tuple[int, float, float, str | None]]:
     """Fit and score every candidate of one group on one fold: (index, score, fit seconds, error)."""
     out: list[tuple[int, float, float, str | None]] = []
@@ -340,14 +344,12 @@ def _fold_task(view: _FoldView, group: _Group, scoring: Any) -> list[tuple[int, 
             score = float(check_scoring(model, scoring=scoring)(model, X_test, view.y_test))
             out.append((cand.index, score, elapsed, None))
         except Exception as exc:  # GridSearchCV's error_score=nan: the other candidates still compete
-            reason = (str(exc).strip().splitlines() or [""])[-1][:160]
-            out.append((cand.index, float("nan"), time.perf_counter() - t0, f"{type(exc).__name__}: {reason}"))
+            out.append((cand.index, float("nan"), time.perf_counter() - t0, _reason(exc)))
 
     try:
         view.data()
     except Exception as exc:  # the preprocessing itself failed: every candidate of the group fails here
-        reason = (str(exc).strip().splitlines() or [""])[-1][:160]
-        return [(c.index, float("nan"), 0.0, f"{type(exc).__name__}: {reason}") for c in group.candidates]
+        return [(c.index, float("nan"), 0.0, _reason(exc)) for c in group.candidates]
 
     # the logistic path: candidates equal but for C, smallest C first, each warm-started from the last
     paths: dict[tuple, list[_Candidate]] = {}
