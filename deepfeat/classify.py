@@ -604,7 +604,7 @@ def _skops():
     return sio
 
 
-def load_model(path: str | os.PathLike) -> Pipeline:
+def load_model(path: str | os.PathLike, *, cache: Any = "saved") -> Pipeline:
     """Load a pipeline saved by :func:`save_model` or ``deepfeat classify``.
 
     ``.skops`` files (skops, scikit-learn's secure persistence) are safe to
@@ -613,14 +613,27 @@ def load_model(path: str | os.PathLike) -> Pipeline:
     holding any other type or function is refused, naming it.
     ``.joblib`` files are pickles: load only files you trust.
 
+    Nothing the file holds decides what is written to a feature cache, nor
+    where: the embedder is fitted again on this machine from its parameters
+    and the model file found here, and what that derives (the model's
+    sha256 and preprocessing, the layers, their shapes and the cache
+    fingerprints) must equal what the file says, or the file is refused. A
+    cache *folder* stored in the file is not used unless you pass it again.
+
     Parameters
     ----------
     path : str or path-like
+    cache : bool, str, path-like, None or "saved", default="saved"
+        The embedder's feature cache on this machine. ``"saved"`` keeps the
+        file's ``True`` (this machine's default folder) or ``None``/``False``
+        (no cache); a folder path stored in the file becomes ``True``, with a
+        warning naming it. Anything else is used as the ``cache`` parameter.
 
     Returns
     -------
     Pipeline
-        First step an :class:`ImageEmbedder`; its session is opened on first use.
+        First step an :class:`ImageEmbedder`, fitted on this machine; its
+        session is opened on first use.
 
     Examples
     --------
@@ -653,7 +666,90 @@ def load_model(path: str | os.PathLike) -> Pipeline:
     else:
         obj = joblib.load(path)
     _check_image_pipeline(obj, path)
+    _check_predictor(obj, path)
+    name, stored = obj.steps[0]
+    fresh = _derive_embedder(stored, path, cache)
+    n_in = getattr(obj[1:], "n_features_in_", None)
+    if n_in is not None and n_in != fresh.n_features_out_:
+        raise ValueError(f"The model file {path!r} holds a head fitted on {n_in} features, but its embedder gives "
+                         f"{fresh.n_features_out_}; it was not loaded. Retrain with `deepfeat classify`.")
+    obj.steps[0] = (name, fresh)
     return obj
+
+
+#: fitted fields that ``fit`` derives from the parameters and the model file; a loaded model's must match
+_DERIVED = ("model_sha256_", "layers_", "poolings_", "output_shapes_", "output_dims_", "n_features_out_",
+            "cache_fingerprint_", "_scope")
+#: the parts of ``spec_`` that change a vector (the rest, a description or mirrors, may differ between versions)
+_DERIVED_SPEC = ("input_size", "resize_size", "interpolation", "mean", "std", "channel_order")
+
+
+def _derive_embedder(stored: ImageEmbedder, path: str, cache: Any) -> ImageEmbedder:
+    """A fresh embedder fitted here with the stored one's parameters, refused if it derives other fields."""
+    params = stored.get_params(deep=False)
+    if isinstance(cache, str) and cache == "saved":
+        cache = params.get("cache")
+        if not (cache is None or isinstance(cache, (bool, np.bool_))):
+            logger.warning("The model file %r names the feature cache folder %r; it is not used without asking. "
+                           "Using this machine's default cache folder; pass cache= (or --cache-dir) to choose one.",
+                           path, os.fspath(cache))
+            cache = True
+    providers = params.get("providers")
+    if providers is not None and not isinstance(providers, str):
+        # provider options can name folders (TensorRT's engine cache): keep the file's names, never its options
+        params["providers"] = [p[0] if isinstance(p, (tuple, list)) else p for p in providers]
+    fresh = ImageEmbedder(**{**params, "cache": cache})
+    try:
+        fresh.fit()
+    except Exception as exc:
+        raise ValueError(f"The model file {path!r} names an embedder that cannot be fitted on this machine "
+                         f"({type(exc).__name__}: {_last_line(exc)}); it was not loaded.") from None
+    if hasattr(stored, "layers_"):  # a fitted embedder: what the head was trained on must be what runs here
+        differ = [k for k in _DERIVED if hasattr(stored, k) and _plain(getattr(stored, k)) != _plain(getattr(fresh, k))]
+        spec = getattr(stored, "spec_", None)
+        differ += [f"spec_.{k}" for k in _DERIVED_SPEC
+                   if spec is not None and _plain(_spec_field(spec, k)) != _plain(getattr(fresh.spec_, k))]
+        plan = getattr(stored, "_plan", None)
+        if plan is not None and _plain([_plan_fingerprint(la) for la in plan]) != _plain(
+                [la.fingerprint for la in fresh._plan]):
+            differ.append("_plan")
+        if differ:
+            raise ValueError(
+                f"The model file {path!r} does not match its own parameters on this machine: {sorted(differ)} "
+                f"differ from what fitting model={params.get('model')!r} here derives (model sha256 here "
+                f"{fresh.model_sha256_[:12]}...). The file was edited, or the model file changed since it was "
+                "saved; it was not loaded. Retrain with `deepfeat classify`."
+            )
+    return fresh
+
+
+def _spec_field(spec: Any, key: str) -> Any:
+    return spec.get(key) if isinstance(spec, Mapping) else getattr(spec, key, None)
+
+
+def _plan_fingerprint(layer: Any) -> Any:
+    return layer.get("fingerprint") if isinstance(layer, Mapping) else getattr(layer, "fingerprint", None)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples and lists, numpy scalars and Python numbers compare alike."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _check_predictor(obj: Pipeline, where: str) -> None:
+    last = obj.steps[-1][1]
+    if len(obj.steps) < 2 or not hasattr(last, "predict"):
+        raise ValueError(
+            f"{where!r} is an image pipeline without a classifier: its last step is "
+            f"{type(last).__name__}, which has no predict(). Save a pipeline that ends in a fitted head "
+            "(deepfeat classify, or deepfeat.classify.make_image_pipeline(embedder, head))."
+        )
 
 
 #: the largest schema.json and the largest other member a ``.skops`` file may hold (uncompressed bytes):

@@ -70,7 +70,7 @@ def _layers_text(picks) -> str:
 
 
 def _cache_arg(args) -> "bool | str | None":
-    """``--cache-dir DIR`` (absolute, so a saved model finds it from anywhere), ``--cache`` (the default folder)."""
+    """``--cache-dir DIR`` (absolute), ``--cache`` (the default folder); a saved model never brings its own folder."""
     if getattr(args, "no_cache", False):
         return None
     if getattr(args, "cache_dir", None):
@@ -409,21 +409,13 @@ def cmd_predict(args) -> int:
     from .classify import load_model, predict_paths
     from .datasets import load_image_folder
 
-    pipe = load_model(args.model)
-    emb = pipe.steps[0][1]
+    # the cache folder is this machine's choice (--cache-dir, --no-cache), never a folder the file names
+    pipe = load_model(args.model, cache=_cache_arg(args) if (args.no_cache or args.cache_dir) else "saved")
     overrides: dict[str, Any] = {"progress": not args.no_progress}
-    if args.no_cache or args.cache_dir:
-        overrides["cache"] = _cache_arg(args)
     if args.providers:
         # a loaded pipeline has no session yet (sessions are not pickled): it opens on these
         overrides["providers"] = _providers_arg(args.providers)
-    emb.set_params(**overrides)
-    if "cache" in overrides:
-        saved = emb.model_sha256_
-        emb.fit()  # the cache is part of what fit resolves
-        if emb.model_sha256_ != saved:  # the head was trained on the saved model's features
-            raise SystemExit(f"deepfeat: the model file {emb.model_path_} changed since {args.model} was saved "
-                             f"(sha256 {emb.model_sha256_[:12]}..., saved {saved[:12]}...); retrain with classify")
+    pipe.steps[0][1].set_params(**overrides)
     paths: list[str] = []
     labels: list = []
     for p in args.paths:

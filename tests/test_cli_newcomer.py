@@ -68,23 +68,37 @@ def test_cache_flag_cannot_swallow_the_folder(tmp_path, photo_folder, tiny_model
     assert (tmp_path / "c" / "features.sqlite3").exists()
 
 
-def test_a_saved_model_finds_its_cache_from_anywhere(tmp_path, photo_folder, tiny_model_path, capsys):
+def test_a_saved_model_never_brings_its_cache_folder(tmp_path, photo_folder, tiny_model_path, monkeypatch, caplog):
+    """#24: the folder a model file names is not written to without asking; --cache-dir chooses it again."""
+    import joblib
+
     root, df = photo_folder
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     work.mkdir()
     elsewhere.mkdir()
+    monkeypatch.setenv("DEEPFEAT_CACHE", str(tmp_path / "default-cache"))
     res = _run("classify", root, "--model", tiny_model_path, "--heads", "logreg", "--cv", "2", "--no-progress",
                "--cache-dir", "rel-cache", "-o", work / "m.joblib", cwd=work)
     assert res.returncode == 0, res.stderr
     from deepfeat.classify import load_model
 
-    saved = load_model(work / "m.joblib").steps[0][1]
-    assert os.path.isabs(saved.cache) and saved.cache_dir_ == work / "rel-cache"
+    stored = joblib.load(work / "m.joblib").steps[0][1]
+    assert os.path.isabs(stored.cache) and stored.cache_dir_ == work / "rel-cache"
+    with caplog.at_level("WARNING", logger="deepfeat.classify"):
+        loaded = load_model(work / "m.joblib").steps[0][1]
+    assert loaded.cache is True and loaded.cache_dir_ == tmp_path / "default-cache"
+    assert "rel-cache" in caplog.text and "not used without asking" in caplog.text
+    assert load_model(work / "m.joblib", cache=str(work / "rel-cache")).steps[0][1].cache_dir_ == work / "rel-cache"
+    assert load_model(work / "m.joblib", cache=None).steps[0][1].cache_dir_ is None
     res = _run("predict", work / "m.joblib", *df["path"][:3], "--no-progress", cwd=elsewhere)
     assert res.returncode == 0, res.stderr
-    assert not (elsewhere / "rel-cache").exists()  # no new cache where it was run
+    assert "not used without asking" in res.stderr
+    assert not (elsewhere / "rel-cache").exists()
     res = _run("predict", work / "m.joblib", *df["path"][:3], "--no-progress", "--no-cache", cwd=elsewhere)
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 0 and "not used without asking" not in res.stderr, res.stderr
+    res = _run("predict", work / "m.joblib", *df["path"][:3], "--no-progress", "--cache-dir", work / "rel-cache",
+               cwd=elsewhere)
+    assert res.returncode == 0 and "not used without asking" not in res.stderr, res.stderr
 
 
 def test_layers_with_spaces(tmp_path, photo_folder, tiny_model_path):

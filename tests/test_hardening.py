@@ -3,6 +3,8 @@ corrupt caches, hostile model files, and model files that are safe to share."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -362,3 +364,136 @@ def test_an_old_pickle_without_tta_still_transforms(tiny_model_path, sample_phot
     old.__setstate__(state)
     assert old.tta is None and np.array_equal(old.transform(sample_photos), X)
     assert joblib.hash(old.get_params()) == joblib.hash(emb.get_params())
+
+
+# ------------------------------------------------ forged fitted fields (#24 item 1)
+def _save_skops_model(tmp_path, tiny_model_path, photo_folder, cache):
+    sio = pytest.importorskip("skops.io")
+    from sklearn.linear_model import LogisticRegression
+
+    from deepfeat.classify import make_image_pipeline
+
+    root, df = photo_folder
+    emb = ImageEmbedder(model=str(tiny_model_path), preprocessing=TINY_PREPROCESSING, progress=False,
+                        cache=cache).fit()
+    X = emb.transform(df["path"])
+    pipe = make_image_pipeline(emb, LogisticRegression(max_iter=500).fit(X, df["label"]))
+    path = tmp_path / "honest.skops"
+    sio.dump(pipe, path)
+    return path, pipe, df["path"].tolist()
+
+
+def _forge(path, out, edit):
+    """Edit the embedder's fields in schema.json, the way an attacker would (no Python object is built)."""
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        members = {name: z.read(name) for name in z.namelist()}
+    schema = json.loads(members["schema.json"])
+
+    def embedder_node(node):
+        if isinstance(node, dict):
+            if node.get("__class__") == "ImageEmbedder":
+                return node
+            children = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            return None
+        for child in children:
+            found = embedder_node(child)
+            if found is not None:
+                return found
+        return None
+
+    fields = embedder_node(schema)["content"]["content"]
+    edit(fields)
+    members["schema.json"] = json.dumps(schema).encode()
+    with zipfile.ZipFile(out, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return out
+
+
+def _set_json(node, value):
+    import json
+
+    node["content"] = json.dumps(value)
+    # skops shares equal objects by __id__ (an int 8 may be n_features_out_ and a layer's dim): a new id unshares
+    node["__id__"] = next(_FORGED_IDS)
+
+
+_FORGED_IDS = itertools.count(1)
+
+
+def test_a_forged_fitted_spec_is_refused_and_writes_nothing(tmp_path, tiny_model_path, photo_folder):
+    """The attack of #24: another mean/std in spec_, the fitted cache folder pointed at the victim's, the old
+    fingerprints kept. Fitting again here derives another mean: refused, naming the file and the field."""
+    import numpy as np
+
+    from deepfeat.classify import load_model
+
+    honest, pipe, paths = _save_skops_model(tmp_path, tiny_model_path, photo_folder, cache=None)
+    victim = tmp_path / "victim-cache"
+
+    def edit(f):
+        mean = f["spec_"]["content"]["mean"]
+        for item in mean["content"]:
+            _set_json(item, 5.0) if item.get("is_json") else None
+        _set_json(f["cache_dir_"], str(victim))
+
+    forged = _forge(honest, tmp_path / "forged.skops", edit)
+    with pytest.raises(ValueError, match=r"forged.skops.*does not match its own parameters.*spec_.mean.*not loaded"):
+        load_model(forged)
+    assert not victim.exists()
+    # the honest file still loads and predicts as the pipeline it was saved from
+    np.testing.assert_array_equal(load_model(honest).predict(paths), pipe.predict(paths))
+
+
+def test_forged_fingerprints_are_refused(tmp_path, tiny_model_path, photo_folder):
+    from deepfeat.classify import load_model
+
+    honest, _, _ = _save_skops_model(tmp_path, tiny_model_path, photo_folder, cache=None)
+    forged = _forge(honest, tmp_path / "fp.skops", lambda f: _set_json(f["cache_fingerprint_"], "0" * 64))
+    with pytest.raises(ValueError, match=r"fp.skops.*\['cache_fingerprint_'\]"):
+        load_model(forged)
+    forged = _forge(honest, tmp_path / "dims.skops", lambda f: _set_json(f["n_features_out_"], 3))
+    with pytest.raises(ValueError, match=r"dims.skops.*\['n_features_out_'\]"):
+        load_model(forged)
+
+
+def test_a_model_file_cannot_choose_where_features_are_written(tmp_path, tiny_model_path, photo_folder, monkeypatch,
+                                                               caplog):
+    """A cache folder in the file (the parameter or the fitted field) is never written without asking."""
+    from deepfeat.classify import load_model, predict_paths
+
+    monkeypatch.setenv("DEEPFEAT_CACHE", str(tmp_path / "mine"))
+    honest, pipe, paths = _save_skops_model(tmp_path, tiny_model_path, photo_folder, cache=True)
+    victim = tmp_path / "victim" / "deep" / "folder"
+    forged = _forge(honest, tmp_path / "dir.skops", lambda f: _set_json(f["cache_dir_"], str(victim)))
+    emb = load_model(forged).steps[0][1]
+    assert emb.cache_dir_ == tmp_path / "mine"
+    forged = _forge(honest, tmp_path / "param.skops", lambda f: (_set_json(f["cache"], str(victim)),
+                                                                 _set_json(f["cache_dir_"], str(victim))))
+    with caplog.at_level("WARNING", logger="deepfeat.classify"):
+        loaded = load_model(forged)
+    assert "param.skops" in caplog.text and str(victim) in caplog.text
+    result = predict_paths(loaded, paths[:4])
+    assert result["error"].isna().all()
+    assert loaded.steps[0][1].cache_dir_ == tmp_path / "mine" and not (tmp_path / "victim").exists()
+    assert load_model(forged, cache=None).steps[0][1].cache_dir_ is None
+
+
+def test_a_pipeline_without_a_predictor_is_one_line(tmp_path, tiny_model_path):
+    import joblib
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from deepfeat.classify import load_model
+
+    emb = ImageEmbedder(model=str(tiny_model_path), preprocessing=TINY_PREPROCESSING, progress=False).fit()
+    path = tmp_path / "noclf.joblib"
+    joblib.dump(Pipeline([("embed", emb), ("scale", StandardScaler())]), path)
+    with pytest.raises(ValueError, match=r"noclf.joblib.*without a classifier.*StandardScaler"):
+        load_model(path)
