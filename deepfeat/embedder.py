@@ -250,6 +250,9 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         layers = spec.default_layer if self.layers is None else self.layers
         summary = model_summary(str(path), sha, spec.input_size)
         _check_input(summary.input_shape, spec.input_size, path)
+        if not summary.produced:
+            raise ModelFileError(f"The model file {path} computes no tensor (its graph has no nodes): there is no "
+                                 "layer to embed. Check that the file is the network you meant.")
         self.layers_, self.poolings_ = _resolve_layer_poolings(summary, layers, spec.layers, self.pooling)
         tensors = tuple(t for _, t in self.layers_)
         shapes = layer_shapes(str(path), sha, tensors, spec.input_size, "none" in self.poolings_)
@@ -501,6 +504,9 @@ def _resolve_layer_poolings(summary, layers, aliases, default_pooling: str) -> t
 def _check_input(shape: tuple, size: int, path) -> None:
     """Refuse, naming the file, a model whose declared input cannot take (batch, 3, size, size)."""
     want = f"(batch, 3, {size}, {size})"
+    if not shape:
+        raise ModelFileError(f"The model file {path} has no image input (its graph declares no input that is not a "
+                             f"weight); deepfeat feeds images as {want}. Use a CNN with an NCHW RGB input.")
     if len(shape) != 4 or shape[1] not in (None, 3):
         raise ModelFileError(
             f"The model file {path} declares its input as {shape}; deepfeat feeds images as {want}. "

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-
 import os
+import threading
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
@@ -43,8 +43,10 @@ def load_onnx(path: str | os.PathLike, data: bytes | None = None) -> onnx.ModelP
         else:
             from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
+            from .registry import _all_tensors
+
             model = onnx.load_model_from_string(data)
-            if any(uses_external_data(t) for t in model.graph.initializer):
+            if any(uses_external_data(t) for t in _all_tensors(model)):
                 load_external_data_for_model(model, os.path.dirname(os.path.abspath(os.fspath(path))))
         onnx.checker.check_model(model)
     except Exception as exc:  # onnx raises several unrelated types here
@@ -111,8 +113,10 @@ def _numel(t) -> int:
 def _with_input_size(model: onnx.ModelProto, input_size: int | None) -> onnx.ModelProto:
     """Shape-inferred copy (weights left out) with the spatial input dims fixed (batch stays symbolic)."""
     m = _skeleton(model)
-    if input_size is not None:
-        dims = m.graph.input[0].type.tensor_type.shape.dim
+    weights = {t.name for t in model.graph.initializer}
+    data = [i for i in m.graph.input if i.name not in weights]
+    if input_size is not None and data:  # a graph without an image input is refused by the caller, by name
+        dims = data[0].type.tensor_type.shape.dim
         if len(dims) == 4:
             dims[2].ClearField("dim_param")
             dims[2].dim_value = input_size
@@ -143,7 +147,8 @@ class GraphSummary:
 
     @classmethod
     def of(cls, model: onnx.ModelProto) -> "GraphSummary":
-        return cls(frozenset(o for n in model.graph.node for o in n.output), model.graph.output[0].name,
+        outputs = [o.name for o in model.graph.output]
+        return cls(frozenset(o for n in model.graph.node for o in n.output), outputs[0] if outputs else "",
                    input_shape(model))
 
 
@@ -206,11 +211,52 @@ def probe_shapes(model: onnx.ModelProto, tensors: Sequence[str], input_size: int
     cut = truncate(model, tensors)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # its errors come back as exceptions, worded by the caller
     sess = ort.InferenceSession(cut.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     x = np.zeros((1, 3, input_size, input_size), dtype=np.float32)
-    values = sess.run(list(tensors), {sess.get_inputs()[0].name: x})
+    # a Loop whose condition never ends would hold fit forever: ONNX Runtime stops a run whose terminate
+    # flag is set, so a timer sets it (one zero image of a real CNN takes well under a second)
+    run_options = ort.RunOptions()
+    run_options.log_severity_level = 4
+    timer = threading.Timer(PROBE_TIMEOUT_S, setattr, (run_options, "terminate", True))
+    timer.daemon = True
+    timer.start()
+    try:
+        values = sess.run(list(tensors), {sess.get_inputs()[0].name: x}, run_options=run_options)
+    except Exception:
+        if not timer.is_alive():
+            loops = sorted({n.name or n.op_type for n in cut.graph.node if n.op_type in ("Loop", "Scan")})
+            raise ProbeTimeoutError(
+                f"one {input_size}x{input_size} image did not get through the graph in {PROBE_TIMEOUT_S:g} s"
+                + (f" (its Loop nodes {loops} may never end)" if loops else "")
+            ) from None
+        raise
+    finally:
+        timer.cancel()
     return [("batch",) + tuple(v.shape[1:]) for v in values]
+
+
+#: seconds the shape probe may run one zero image before the model is refused
+PROBE_TIMEOUT_S = 60.0
+
+
+class ProbeTimeoutError(TimeoutError):
+    """The shape probe ran past :data:`PROBE_TIMEOUT_S` (a graph that may never finish)."""
+
+
+def has_loops(model: onnx.ModelProto) -> bool:
+    """Whether any graph of the model (subgraphs too) holds a ``Loop`` or ``Scan``, whose run time shape
+    inference cannot bound: such a model is always probed once, under :data:`PROBE_TIMEOUT_S`."""
+    def walk(graph) -> bool:
+        for node in graph.node:
+            if node.op_type in ("Loop", "Scan"):
+                return True
+            for a in node.attribute:
+                if any(walk(g) for g in ([a.g] if a.HasField("g") else []) + list(a.graphs)):
+                    return True
+        return False
+
+    return walk(model.graph)
 
 
 def tensor_shapes(model: onnx.ModelProto, input_size: int | None = None) -> dict[str, tuple]:
@@ -233,7 +279,9 @@ def tensor_shapes(model: onnx.ModelProto, input_size: int | None = None) -> dict
     known = {vi.name: tuple(d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim)
              for vi in list(g.value_info) + list(g.output) if vi.type.tensor_type.elem_type in _FLOAT_TYPES}
     candidates = [o for n in g.node for o in n.output if o in known and len(known[o]) in _FEATURE_RANKS]
-    if input_size is not None and inference_exact(model, input_size) and all(
+    if not candidates:
+        return {}
+    if input_size is not None and inference_exact(model, input_size) and not has_loops(model) and all(
             None not in known[c][1:] for c in candidates):
         # inference knew every shape: no need to run the network
         return {c: ("batch",) + known[c][1:] for c in candidates}
@@ -335,8 +383,11 @@ def resolve_layers(
             tensor = summary.first_output
         else:
             tensor = layer
+        if not produced:
+            raise LayerError("The model computes no tensor (its graph has no nodes): there is no layer to cut at. "
+                             "Check that the file is the network you meant.")
         if tensor not in produced:
-            valid = sorted(aliases, key=_alias_order) or ["output"]
+            valid = sorted(aliases, key=_alias_order) or (["output"] if summary.first_output in produced else [])
             raise LayerError(
                 f"Layer {layer!r} is not in the model. Valid aliases: {valid}; any tensor "
                 "name from deepfeat.list_layers(model) also works."
@@ -392,10 +443,10 @@ def truncate(model: onnx.ModelProto, outputs: Iterable[str]) -> onnx.ModelProto:
         if i in keep:
             continue
         keep.add(i)
-        for name in g.node[i].input:
+        for name in _node_inputs(g.node[i]):
             if name in producer and producer[name] not in keep:
                 stack.append(producer[name])
-    needed_inputs = {n for i in keep for n in g.node[i].input}
+    needed_inputs = {n for i in keep for n in _node_inputs(g.node[i])}
     # the outputs' types and shapes, inferred without copying the weights (see _skeleton)
     shapes = {vi.name: vi for vi in list(shape_inference.infer_shapes(_skeleton(model)).graph.value_info) + list(g.output)}
 
@@ -418,6 +469,30 @@ def truncate(model: onnx.ModelProto, outputs: Iterable[str]) -> onnx.ModelProto:
     og.value_info.extend(kept_vi)
     _prune_inputs_and_free_batch(og, g, needed_inputs)
     return out
+
+
+def _node_inputs(node) -> list[str]:
+    """A node's inputs, and the outer names its subgraphs (``If`` branches, ``Loop`` bodies) read.
+
+    A branch may use a tensor of the enclosing graph without listing it: a cut that kept only the
+    listed inputs would drop the node that makes it, and the weights it needs.
+    """
+    names = [n for n in node.input if n]
+    for a in node.attribute:
+        for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+            names += _outer_names(sub)
+    return names
+
+
+def _outer_names(graph) -> list[str]:
+    local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    local |= {t.values.name for t in graph.sparse_initializer}
+    used: list[str] = []
+    for node in graph.node:
+        used += [n for n in _node_inputs(node) if n not in local]
+        local.update(node.output)
+    used += [o.name for o in graph.output if o.name not in local]
+    return used
 
 
 def _prune_inputs_and_free_batch(og, g, needed: set) -> None:

@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import pandas as pd
 
@@ -569,11 +569,8 @@ def _external_locations(path: str | os.PathLike, data: bytes | None = None) -> t
         except Exception:  # not ONNX: graph.load_onnx reports it with a better message
             proto = None
         if proto is not None:
-            tensors = list(proto.graph.initializer) + [
-                a.t for n in proto.graph.node for a in n.attribute if a.HasField("t")
-            ]
             found = tuple(sorted({
-                e.value for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL
+                e.value for t in _all_tensors(proto) if t.data_location == onnx.TensorProto.EXTERNAL
                 for e in t.external_data if e.key == "location"
             }))
     with _SHA_LOCK:
@@ -582,6 +579,42 @@ def _external_locations(path: str | os.PathLike, data: bytes | None = None) -> t
 
 
 _EXT_MEMO: dict[tuple, tuple[str, ...]] = {}
+
+
+def _all_tensors(proto: Any) -> Iterator[Any]:
+    """Every TensorProto a model holds: initializers, sparse ones, attributes, in every subgraph and function.
+
+    ONNX Runtime loads external data for all of them, so all of them are part of the model's identity: an
+    ``If``/``Loop`` body's weights in a file beside the model change the vectors as much as the main graph's.
+    """
+    def in_sparse(sp: Any) -> Iterator[Any]:
+        yield sp.values
+        yield sp.indices
+
+    def in_nodes(nodes: Any) -> Iterator[Any]:
+        for node in nodes:
+            for a in node.attribute:
+                if a.HasField("t"):
+                    yield a.t
+                yield from a.tensors
+                if a.HasField("sparse_tensor"):
+                    yield from in_sparse(a.sparse_tensor)
+                for sp in a.sparse_tensors:
+                    yield from in_sparse(sp)
+                if a.HasField("g"):
+                    yield from in_graph(a.g)
+                for g in a.graphs:
+                    yield from in_graph(g)
+
+    def in_graph(graph: Any) -> Iterator[Any]:
+        yield from graph.initializer
+        for sp in graph.sparse_initializer:
+            yield from in_sparse(sp)
+        yield from in_nodes(graph.node)
+
+    yield from in_graph(proto.graph)
+    for function in proto.functions:
+        yield from in_nodes(function.node)
 
 
 def verified_bytes(path: str | os.PathLike, sha256: str) -> bytes:

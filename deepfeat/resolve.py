@@ -23,8 +23,8 @@ import pandas as pd
 from . import registry
 from .aliases import derive_aliases
 from .download import fetch_model
-from .graph import (GraphSummary, inference_exact, inferred_shapes, input_shape, layer_table, load_onnx,
-                    probe_shapes)
+from .graph import (GraphSummary, ProbeTimeoutError, has_loops, inference_exact, inferred_shapes, input_shape,
+                    layer_table, load_onnx, probe_shapes)
 from .registry import ModelSpec
 
 __all__ = ["resolve_model", "check_preprocessing", "list_layers", "model_summary", "layer_shapes"]
@@ -222,8 +222,11 @@ def list_layers(
     if isinstance(model, onnx.ModelProto):
         return layer_table(model, input_size=input_size or 224, aliases_only=aliases_only)
     path, spec = resolve_model(model)
-    return layer_table(load_onnx(path), spec.layers, input_size=input_size or spec.input_size,
-                       aliases_only=aliases_only)
+    try:
+        return layer_table(load_onnx(path), spec.layers, input_size=input_size or spec.input_size,
+                           aliases_only=aliases_only)
+    except ProbeTimeoutError as exc:
+        raise registry.ModelFileError(f"The model file {path} was refused: {exc}.") from None
 
 
 @lru_cache(maxsize=64)
@@ -347,7 +350,10 @@ def _graph_facts(path: str, sha256: str, input_size: int) -> tuple[GraphSummary,
     # one load of the (possibly large) file for what a fit needs of the graph
     proto = _load_checked(path, sha256)
     inferred = inferred_shapes(proto, input_size)
-    if not inference_exact(proto, input_size):
+    if has_loops(proto):
+        # a Loop may never end: shapes come from one probe run under a deadline, which refuses such a file
+        inferred = {}
+    elif not inference_exact(proto, input_size):
         # spatial sizes (and what is flattened from them) are left to a probe run
         inferred = {t: (s[:2] + (None, None) if len(s) == 4 else s[:1] + (None,) * (len(s) - 1))
                     for t, s in inferred.items()}
@@ -384,6 +390,11 @@ def layer_shapes(path: str, sha256: str, tensors: tuple, input_size: int, exact:
         return tuple(probe_shapes(_load_checked(path, sha256), list(tensors), input_size))
     except registry.ModelFileError:
         raise
+    except ProbeTimeoutError as exc:
+        raise registry.ModelFileError(
+            f"The model file {path} was refused: {exc}. deepfeat embeds CNNs whose run time is bounded; "
+            "export the network without the Loop, or cut it before the Loop (layers=)."
+        ) from None
     except Exception as exc:  # ONNX Runtime's own words, with the file named
         raise registry.ModelFileError(
             f"ONNX Runtime cannot run the model file {path} on a {input_size}x{input_size} image "

@@ -497,3 +497,116 @@ def test_a_pipeline_without_a_predictor_is_one_line(tmp_path, tiny_model_path):
     joblib.dump(Pipeline([("embed", emb), ("scale", StandardScaler())]), path)
     with pytest.raises(ValueError, match=r"noclf.joblib.*without a classifier.*StandardScaler"):
         load_model(path)
+
+
+# --------------------------------------------- hostile graphs (#24 items 2, 5, 8, 9)
+def _if_model_with_external_body(folder, weights):
+    """An ``If`` whose then-branch multiplies by ``w_ext``, a weight kept in ``body.bin`` beside the model."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    folder.mkdir(parents=True, exist_ok=True)
+    w = numpy_helper.from_array(np.asarray(weights, np.float32), "w_ext")
+    (folder / "body.bin").write_bytes(w.raw_data)
+    length = len(w.raw_data)
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "body.bin"), ("offset", "0"), ("length", str(length))):
+        w.external_data.add(key=key, value=value)
+    out = [helper.make_tensor_value_info("b_out", TensorProto.FLOAT, ["batch", 4])]
+    then_g = helper.make_graph([helper.make_node("MatMul", ["flat", "w_ext"], ["b_out"])], "then", [], out,
+                               initializer=[w])
+    else_g = helper.make_graph([helper.make_node("MatMul", ["flat", "w_zero"], ["b_out"])], "else", [], out,
+                               initializer=[numpy_helper.from_array(np.zeros((3, 4), np.float32), "w_zero")])
+    nodes = [helper.make_node("GlobalAveragePool", ["input"], ["gap"]),
+             helper.make_node("Flatten", ["gap"], ["flat"]),
+             helper.make_node("Constant", [], ["cond"], value=numpy_helper.from_array(np.array(True))),
+             helper.make_node("If", ["cond"], ["logits"], then_branch=then_g, else_branch=else_g)]
+    graph = helper.make_graph(nodes, "if_external",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, "h", "w"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(folder / "if_external.onnx"))
+    return folder / "if_external.onnx"
+
+
+_IF_PRE = {"input_size": 32, "resize_size": 36, "layers": {"logits": "logits"}, "default_layer": "logits"}
+
+
+def test_a_subgraphs_external_weights_are_part_of_the_model_identity(tmp_path, sample_photos):
+    """Replacing the weights file of an If branch changes model_sha256: the cache serves no stale vectors."""
+    from deepfeat.registry import model_sha256
+
+    path = _if_model_with_external_body(tmp_path / "m", np.arange(12).reshape(3, 4))
+    first = ImageEmbedder(model=str(path), preprocessing=_IF_PRE, progress=False, cache=tmp_path / "c").fit()
+    a = first.transform(sample_photos)
+    assert first.cache_stats_["computed"] == 2 and np.abs(a).max() > 1
+    sha = model_sha256(path)
+    _if_model_with_external_body(tmp_path / "m", -np.arange(12).reshape(3, 4))
+    assert model_sha256(path) != sha
+    second = ImageEmbedder(model=str(path), preprocessing=_IF_PRE, progress=False, cache=tmp_path / "c").fit()
+    b = second.transform(sample_photos)
+    assert second.model_sha256_ != first.model_sha256_ and second.cache_stats_["hits"] == 0
+    np.testing.assert_allclose(b, -a, rtol=1e-5)
+
+
+def _endless_loop_model(path):
+    """A Loop without a trip count whose condition stays true: running it never ends."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["v_in", "one"], ["v_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(np.array(1.0, np.float32), "one")])
+    nodes = [helper.make_node("Constant", [], ["cond"], value=numpy_helper.from_array(np.array(True))),
+             helper.make_node("Loop", ["", "cond", "input"], ["looped"], body=body, name="forever"),
+             helper.make_node("GlobalAveragePool", ["looped"], ["pooled"])]
+    graph = helper.make_graph(nodes, "endless",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, "h", "w"])],
+                              [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", 3, 1, 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_fit_on_an_endless_loop_is_refused_naming_the_file(tmp_path, monkeypatch):
+    import deepfeat.graph
+    from deepfeat.registry import ModelFileError
+
+    monkeypatch.setattr(deepfeat.graph, "PROBE_TIMEOUT_S", 1.0)
+    path = _endless_loop_model(tmp_path / "endless.onnx")
+    pre = {"input_size": 32, "resize_size": 36, "layers": {"pooled": "pooled"}, "default_layer": "pooled"}
+    with pytest.raises(ModelFileError, match=r"endless.onnx was refused: .* in 1 s \(its Loop nodes \['forever'\]"):
+        ImageEmbedder(model=str(path), preprocessing=pre, progress=False).fit()
+
+
+def test_graphs_without_inputs_or_nodes_are_refused_naming_the_file(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from deepfeat.registry import ModelFileError
+
+    def save(name, nodes, inputs, outputs):
+        model = helper.make_model(helper.make_graph(nodes, name, inputs, outputs),
+                                  opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        onnx.save(model, str(tmp_path / f"{name}.onnx"))
+        return str(tmp_path / f"{name}.onnx")
+
+    image = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"])
+    const = helper.make_node("Constant", [], ["y"], value=numpy_helper.from_array(np.ones((1, 3), np.float32)))
+    pre = {"input_size": 32, "resize_size": 36}
+    cases = {save("noinput", [const], [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])]):
+             "has no image input", save("empty", [], [image], []): "computes no tensor",
+             save("passthrough", [], [image], [image]): "computes no tensor"}
+    for path, what in cases.items():
+        with pytest.raises(ModelFileError, match=f"{path}.*{what}"):
+            ImageEmbedder(model=path, preprocessing=pre, progress=False).fit()
