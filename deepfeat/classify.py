@@ -562,6 +562,10 @@ SKLEARN_STATE_BASES = (
 )
 
 
+#: module path parts whose classes no saved model holds: test suites and opt-in experimental switches
+_UNTRUSTED_PARTS = frozenset({"tests", "testing", "experimental", "conftest", "benchmarks", "externals"})
+
+
 def _state_bases() -> tuple[type, ...]:
     import importlib
 
@@ -581,13 +585,17 @@ def _trusted_type(name: str) -> bool:
     if name in TRUSTED_CLASSES:
         return True
     module, _, attr = name.rpartition(".")
-    if not module.startswith(TRUSTED_MODULES) or any(part.startswith("_") and part.endswith("_")
-                                                     for part in module.split(".")):
+    parts = module.split(".")
+    if not module.startswith(TRUSTED_MODULES) or any(
+            (p.startswith("_") and p.endswith("_")) or p in _UNTRUSTED_PARTS or p.startswith("_test") for p in parts):
         return False  # never import an arbitrary module, nor deepfeat.__main__ (it runs the CLI)
     try:
-        obj = getattr(importlib.import_module(module), attr, None)
+        # import only the public package a user imports (sklearn.tree, deepfeat); the module named must then be
+        # loaded already: naming a module in a file never imports it (enable_iterative_imputer patches sklearn)
+        importlib.import_module(".".join(parts[:2]))
     except ImportError:
         return False
+    obj = getattr(sys.modules.get(module), attr, None)
     if not (isinstance(obj, type) and obj.__module__ == module):
         return False
     return module.startswith("sklearn.") and issubclass(obj, _state_bases()) or issubclass(obj, BaseEstimator)

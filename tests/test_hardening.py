@@ -610,3 +610,20 @@ def test_graphs_without_inputs_or_nodes_are_refused_naming_the_file(tmp_path):
     for path, what in cases.items():
         with pytest.raises(ModelFileError, match=f"{path}.*{what}"):
             ImageEmbedder(model=path, preprocessing=pre, progress=False).fit()
+
+
+def test_naming_a_module_in_a_skops_file_never_imports_it():
+    """#24 items 8 and 9: test-suite and experimental types are refused, without importing their modules."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom deepfeat.classify import _trusted_type\n"
+            "names = ['sklearn.experimental.enable_iterative_imputer.IterativeImputer',"
+            " 'sklearn.tests.test_base.MyEstimator', 'sklearn.utils._testing.MinimalClassifier',"
+            " 'sklearn.impute._iterative.IterativeImputer']\n"
+            "print([_trusted_type(n) for n in names], "
+            "'sklearn.experimental.enable_iterative_imputer' in sys.modules, 'sklearn.tests.test_base' in sys.modules,"
+            " _trusted_type('sklearn.ensemble._forest.RandomForestClassifier'), "
+            "_trusted_type('sklearn.tree._tree.Tree'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["[False,", "False,", "False,", "False]", "False", "False", "True", "True"], out
