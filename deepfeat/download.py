@@ -39,7 +39,16 @@ _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 
 class ModelDownloadError(ModelFileError):
-    """A model file could not be downloaded (HTTP error, or a wrong sha256)."""
+    """A model file could not be downloaded (HTTP error, or a wrong sha256).
+
+    ``reason`` is the cause alone, without the advice on placing the file by
+    hand: a failure of several mirrors lists each mirror's reason, then gives
+    the advice once.
+    """
+
+    def __init__(self, message: str, *, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class NoNetworkError(ModelDownloadError):
@@ -132,10 +141,11 @@ def _from_mirrors(spec: ModelSpec, dest: Path, *, retries: int, backoff: float, 
                                  max_bytes=most)
         except ModelDownloadError as exc:
             offline = offline and isinstance(exc, NoNetworkError)
-            tried.append(f"  {url}\n    -> {exc}")
+            # the reason alone: the advice on placing the file comes once, after the list
+            tried.append(f"  {url}\n    -> {exc.reason}")
             if i + 1 < len(spec.urls):
                 logger.warning("mirror %d of %d for %s failed (%s); trying %s",
-                               i + 1, len(spec.urls), spec.name, exc, spec.urls[i + 1])
+                               i + 1, len(spec.urls), spec.name, exc.reason, spec.urls[i + 1])
     pinned = ", ".join(([f"{spec.size_bytes} bytes"] if spec.size_bytes else [])
                        + ([f"sha256 {spec.sha256}"] if spec.sha256 else []))
     message = (
@@ -228,10 +238,12 @@ def download_file(
             n = _bytes(part)
             what = _describe_wrong_file(part)
             part.unlink()
+            wrong = f"{n} bytes{what} with sha256 {got}, expected {' or '.join(accepted)}; the file was deleted"
             raise ModelDownloadError(
                 f"Downloaded {url} ({n} bytes{what}) has sha256 {got}, expected {' or '.join(accepted)}; "
                 "the file was deleted. The server sent a different or corrupted file: "
-                f"try again later, or put the right file at {dest}."
+                f"try again later, or put the right file at {dest}.",
+                reason=wrong,
             )
         os.replace(part, dest)
     logger.info("downloaded %s -> %s", url, dest)
@@ -253,7 +265,9 @@ class _Limits:
                 f"Downloading {url} did not finish within its deadline of {self.seconds:.0f} s "
                 f"({_bytes(part)} bytes arrived; they are kept in {part} and a later run resumes them). "
                 "The server is too slow: try again later (or with fetch_model(..., deadline=SECONDS)), "
-                f"or put the file at {part.with_suffix('')} by hand."
+                f"or put the file at {part.with_suffix('')} by hand.",
+                reason=f"did not finish within its deadline of {self.seconds:.0f} s "
+                f"({_bytes(part)} bytes arrived, kept in {part} for a later run to resume)",
             )
 
 
@@ -273,12 +287,14 @@ def _transfer_with_retries(
                     raise NoNetworkError(
                         f"no network: put the file at {dest} or set DEEPFEAT_MODELS "
                         f"to a folder holding {dest.name} (download of {url} failed "
-                        f"{attempt + 1} times: {exc})"
+                        f"{attempt + 1} times: {exc})",
+                        reason=f"{exc} ({attempt + 1} tries)",
                     ) from exc.__cause__
                 raise ModelDownloadError(
                     f"Downloading {url} failed {attempt + 1} times ({exc}). "
                     f"{_bytes(part)} bytes are kept in {part}; run again to resume, "
-                    f"or put the file at {dest}."
+                    f"or put the file at {dest}.",
+                    reason=f"failed {attempt + 1} times ({exc}); {_bytes(part)} bytes are kept in {part}",
                 ) from exc.__cause__
             delay = min(backoff * 2**attempt, max(0.0, limits.deadline - time.monotonic()))
             logger.warning("download of %s failed (%s); retry %d of %d in %.1f s",
@@ -327,7 +343,8 @@ def _transfer(url: str, part: Path, *, limits: _Limits, timeout: float) -> None:
             raise _Retryable(f"HTTP {exc.code} {exc.reason}") from exc
         raise ModelDownloadError(
             f"Downloading {url} failed: HTTP {exc.code} {exc.reason}. The address may "
-            f"have moved; put the file at {part.with_suffix('')} instead."
+            f"have moved; put the file at {part.with_suffix('')} instead.",
+            reason=f"HTTP {exc.code} {exc.reason}",
         ) from exc
     except urllib.error.URLError as exc:
         # DNS failure, refused connection, no route: the network is unusable

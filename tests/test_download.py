@@ -194,7 +194,7 @@ def test_server_down_gives_the_offline_message(tmp_path):
     msg = str(err.value)
     assert msg.startswith("no network: Could not download model 'tinyzoo' (tinyzoo-test.onnx) from any of its 1")
     assert f"http://127.0.0.1:{port}/good.onnx" in msg
-    assert "2 times" in msg  # an unreachable server gets one retry, not `retries`
+    assert "(2 tries)" in msg  # an unreachable server gets one retry, not `retries`
     assert f"put it in {tmp_path} or in a folder named by the environment variable DEEPFEAT_MODELS" in msg
     assert not (tmp_path / "tinyzoo-test.onnx").exists()
 
@@ -344,6 +344,24 @@ def test_offline_error_lists_every_mirror_and_the_manual_path(tmp_path):
     assert msg.startswith("no network:")
     assert all(f"  {u}" in msg.splitlines() for u in urls)
     assert "put it in " + str(tmp_path) in msg and "DEEPFEAT_MODELS" in msg
+
+
+def test_placement_advice_is_given_once_after_every_mirror_and_reason(server, tmp_path):
+    # offline mirrors retried, a 404 and a wrong file: each mirror has its one-line reason, the advice comes once
+    urls = (*(f"http://127.0.0.1:{_free_port()}/m{i}.onnx" for i in range(3)),
+            server.url + "/missing.onnx", server.url + "/corrupt.onnx")
+    with pytest.raises(ModelDownloadError) as err:
+        fetch_model(_spec(*urls), dest_dir=tmp_path, retries=3, backoff=0)
+    msg = str(err.value)
+    assert msg.count("variable DEEPFEAT_MODELS") == 1 and msg.count(str(tmp_path)) == 1
+    assert "put the file at" not in msg and "put the right file" not in msg
+    lines = msg.splitlines()
+    reasons = [lines[lines.index(f"  {u}") + 1] for u in urls]
+    assert all(r.startswith("    -> ") for r in reasons)
+    assert all("cannot reach the server" in r and "(2 tries)" in r for r in reasons[:3])
+    assert "HTTP 404" in reasons[3] and "expected " + SHA in reasons[4]
+    # the advice is the message's last sentence, after the list
+    assert lines[-1].startswith("To place it by hand:")
 
 
 def test_part_left_by_another_file_is_downloaded_again_from_zero(server, tmp_path):
