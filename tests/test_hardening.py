@@ -627,3 +627,52 @@ def test_naming_a_module_in_a_skops_file_never_imports_it():
             "_trusted_type('sklearn.tree._tree.Tree'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["[False,", "False,", "False,", "False]", "False", "False", "True", "True"], out
+
+
+@pytest.mark.parametrize("depth", [200, 5000])
+def test_a_deeply_nested_skops_file_is_refused_naming_it(tmp_path, depth):
+    """#24 item 9: a schema.json nested thousands deep (forged as text) is one line naming the file."""
+    pytest.importorskip("skops.io")
+    import zipfile
+
+    from deepfeat.classify import load_model
+
+    leaf = '{"__class__": "str", "__module__": "builtins", "__loader__": "JsonNode", "content": "1", "is_json": true}'
+    head = '{"__class__": "list", "__module__": "builtins", "__loader__": "ListNode", "content": ['
+    schema = head * depth + leaf + "]}" * depth
+    schema = schema[:-1] + ', "protocol": 2, "_skops_version": "0.16.0"}'
+    path = tmp_path / f"nested{depth}.skops"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("schema.json", schema)
+    import re
+
+    # 200 deep loads (a list of lists, harmless) and is not a pipeline; 5000 deep exceeds the recursion limit
+    what = "an image pipeline" if depth < 1000 else "a readable .skops file"
+    with pytest.raises(ValueError, match=f"'{re.escape(str(path))}' is not {what}") as err:
+        load_model(path)
+    assert "\n" not in str(err.value)
+
+
+def test_an_onnx_graph_nested_beyond_protobufs_depth_is_refused_naming_the_file(tmp_path):
+    """If inside If, 300 deep, written at the wire level (onnx.helper cannot build it): one line naming the file."""
+    from deepfeat import ImageEmbedder
+    from deepfeat.registry import ModelFileError
+
+    def varint(n):
+        out = b""
+        while n > 0x7F:
+            out, n = out + bytes([n & 0x7F | 0x80]), n >> 7
+        return out + bytes([n])
+
+    def msg(num, payload):  # a length-delimited field
+        return varint(num << 3 | 2) + varint(len(payload)) + payload
+
+    graph = msg(2, b"leaf")  # GraphProto.name
+    for _ in range(300):  # GraphProto.node(1) -> NodeProto.attribute(5) -> AttributeProto.g(6) -> GraphProto
+        attr = msg(1, b"then_branch") + msg(6, graph) + varint(20 << 3) + varint(5)
+        graph = msg(1, msg(4, b"If") + msg(5, attr))
+    path = tmp_path / "nested.onnx"
+    path.write_bytes(varint(1 << 3) + varint(8) + msg(7, graph))
+    with pytest.raises((ModelFileError, ValueError), match=f"{path}.*not a valid ONNX model") as err:
+        ImageEmbedder(model=str(path), progress=False).fit()
+    assert "\n" not in str(err.value)
