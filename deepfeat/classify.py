@@ -42,6 +42,7 @@ __all__ = [
     "stratified_cv",
     "make_image_pipeline",
     "confusion_table",
+    "unseen_classes_message",
     "save_model",
     "load_model",
     "predict_paths",
@@ -480,7 +481,42 @@ def make_image_pipeline(embedder: ImageEmbedder, head: BaseEstimator) -> Pipelin
     return Pipeline([("embed", embedder)] + steps)
 
 
-def confusion_table(y_true, y_pred, labels: Sequence | None = None) -> pd.DataFrame:
+def unseen_classes_message(y_true, trained: Sequence) -> str | None:
+    """Say which true classes a predictor never saw in training, or ``None``.
+
+    Such a class's images can only be mistakes: the head has no output for it.
+
+    Parameters
+    ----------
+    y_true : array-like of shape (n_samples,)
+        True labels of the images scored.
+    trained : sequence
+        The classes the predictor was trained on (its ``classes_``).
+
+    Returns
+    -------
+    str or None
+
+    Examples
+    --------
+    >>> from deepfeat.classify import unseen_classes_message
+    >>> unseen_classes_message(["ant", "wasp", "wasp"], ["ant", "bee"])
+    "test class 'wasp' (2 images) never appears in training: the model cannot predict it, so every one of its images counts as a mistake"
+    """
+    known = {str(c) for c in trained}
+    truth = pd.Series([str(t) for t in np.asarray(y_true, dtype=object)])
+    counts = truth[~truth.isin(known)].value_counts().sort_index()
+    if counts.empty:
+        return None
+    named = ", ".join(f"{c!r} ({n} image{'s' if n != 1 else ''})" for c, n in counts.items())
+    one = len(counts) == 1
+    return (f"test class{'' if one else 'es'} {named} never appear{'s' if one else ''} in training: the model "
+            f"cannot predict {'it' if one else 'them'}, so every one of {'its' if one else 'their'} images "
+            "counts as a mistake")
+
+
+def confusion_table(y_true, y_pred, labels: Sequence | None = None, *,
+                    trained: Sequence | None = None) -> pd.DataFrame:
     """Confusion matrix as a labelled DataFrame (rows: true class, columns: predicted).
 
     Parameters
@@ -489,6 +525,9 @@ def confusion_table(y_true, y_pred, labels: Sequence | None = None) -> pd.DataFr
         True and predicted labels.
     labels : sequence, optional
         Class order; default: sorted union of both.
+    trained : sequence, optional
+        The classes the predictor was trained on: a true class outside them
+        gets a ``UserWarning`` (its row is all mistakes, whatever the head).
 
     Returns
     -------
@@ -501,6 +540,8 @@ def confusion_table(y_true, y_pred, labels: Sequence | None = None) -> pd.DataFr
     >>> cm.to_dict("index")  # rows: true class
     {'ant': {'ant': 1, 'bee': 0}, 'bee': {'ant': 1, 'bee': 1}}
     """
+    if trained is not None and (message := unseen_classes_message(y_true, trained)):
+        warnings.warn(message, UserWarning, stacklevel=2)
     if labels is None:
         labels = list(np.unique(np.concatenate([np.asarray(y_true), np.asarray(y_pred)])))
     cm = confusion_matrix(y_true, y_pred, labels=labels)

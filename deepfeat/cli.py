@@ -299,6 +299,7 @@ def cmd_classify(args) -> int:
 
     from .classify import (
         compare_heads, confusion_table, default_heads, format_leaderboard, make_image_pipeline, save_model,
+        unseen_classes_message,
     )
 
     heads = default_heads(random_state=args.seed)
@@ -360,6 +361,8 @@ def cmd_classify(args) -> int:
         pred = pipe[1:].predict(Xt)
         acc = float(np.mean(pred == yt))
         print(f"\ntest: {len(yt)} images, accuracy {acc:.4f} ({int((pred == yt).sum())}/{len(yt)}){_cache_note(emb)}")
+        if unseen := unseen_classes_message(yt, pipe.classes_):
+            print(f"deepfeat: warning: {unseen}", file=sys.stderr)
         labels = sorted(set(y) | set(yt))
         print(confusion_table(yt, pred, labels=labels).to_string())
     t_test = time.perf_counter() - t_test0
@@ -448,13 +451,15 @@ def cmd_predict(args) -> int:
         print(f"deepfeat: could not read {row.path}: {row.error}", file=sys.stderr)
     known = [i for i, lab in enumerate(labels) if lab is not None and pd.notna(lab) and result["error"].isna().iloc[i]]
     if known:  # a labelled folder (or a CSV with labels): say how right the model is
-        from .classify import confusion_table
+        from .classify import confusion_table, unseen_classes_message
 
         # as text: a CSV's labels may read as numbers where the training folders gave names
         truth = np.asarray([str(labels[i]) for i in known], dtype=object)
         pred = np.asarray([str(p) for p in result["prediction"].iloc[known]], dtype=object)
         hits = int((pred == truth).sum())
         print(f"\naccuracy on {len(known)} labelled images: {hits / len(known):.4f} ({hits}/{len(known)})")
+        if unseen := unseen_classes_message(truth, pipe.classes_):
+            print(f"deepfeat: warning: {unseen}", file=sys.stderr)
         classes = sorted(set(truth) | set(pred))
         print(confusion_table(truth.astype(str), pred.astype(str), labels=[str(k) for k in classes]).to_string())
     return 1 if len(failed) == len(result) else 0

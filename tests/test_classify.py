@@ -250,3 +250,32 @@ def test_classify_errors_are_actionable(photo_folder, tmp_path, capsys):
         main(["classify", str(root), "--heads", "logreg,xgboost"])
     assert main(["predict", str(tmp_path / "nope.joblib"), str(root)]) == 1
     assert "deepfeat classify" in capsys.readouterr().err
+
+
+def test_a_test_class_never_seen_in_training_is_warned(photo_folder, tmp_path, capsys):
+    """#24 item 9: classify --test, predict on a labelled folder and confusion_table(trained=) all say so."""
+    _, df = photo_folder
+    classes = sorted(df["label"].unique())
+    train, test = _split_folder(df[df["label"] != classes[-1]], tmp_path / "data")
+    extra = df[df["label"] == classes[-1]].head(3)
+    for path in extra["path"]:  # three images of a class training never had
+        dest = test / classes[-1] / Path(path).name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(Path(path).read_bytes())
+    model = tmp_path / "model.joblib"
+    assert main(["classify", str(train), "--test", str(test), "-o", str(model), "--heads", "logreg",
+                 "--cv", "2", "--no-progress"]) == 0
+    expected = (f"deepfeat: warning: test class {classes[-1]!r} (3 images) never appears in training: "
+                "the model cannot predict it")
+    assert expected in capsys.readouterr().err
+    assert main(["predict", str(model), str(test), "--no-progress"]) == 0
+    assert expected in capsys.readouterr().err
+    # a test set holding only trained classes says nothing
+    assert main(["predict", str(model), str(train), "--no-progress"]) == 0
+    assert "never appear" not in capsys.readouterr().err
+
+    from deepfeat.classify import confusion_table
+
+    with pytest.warns(UserWarning, match=r"test classes 'moth' \(1 image\), 'wasp' \(2 images\) never appear"):
+        cm = confusion_table(["ant", "wasp", "wasp", "moth"], ["ant", "ant", "bee", "ant"], trained=["ant", "bee"])
+    assert cm.loc["wasp"].sum() == 2 and cm.loc["wasp", "wasp"] == 0
