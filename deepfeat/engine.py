@@ -84,6 +84,8 @@ class _Task:
     need: np.ndarray  # bool per layer: the layers to compute
 
 
+#: an output this large is announced as a warning before the work starts (smaller ones at INFO)
+LARGE_OUTPUT_BYTES = 256 << 20
 _WAIT = object()  # the claim loop has nothing now: others hold what is left
 
 
@@ -98,6 +100,21 @@ class _Mirrored:
         n = len(batch)
         both = np.concatenate([batch, np.ascontiguousarray(batch[..., ::-1])])
         return [np.stack([o[:n], o[n:]], axis=1) for o in self.runner.run(both)]
+
+
+def _announce_size(n: int, layers: Sequence[Layer]) -> None:
+    """Say what the output array will take before the work starts: unpooled maps are large."""
+    per_image = sum(int(layer.dim) for layer in layers)
+    nbytes = n * per_image * 4
+    big = nbytes >= LARGE_OUTPUT_BYTES
+    unpooled = [f"{layer.label!r} ({layer.dim})" for layer in layers if layer.pooling == "none"]
+    logger.log(
+        logging.WARNING if big else logging.INFO,
+        "the features of %d images take %.0f MiB (%d float32 per image)%s",
+        n, nbytes / 2**20, per_image,
+        f"; unpooled layers {', '.join(unpooled)} make most of it: pooling='avg' keeps one value per channel"
+        if big and unpooled else "",
+    )
 
 
 def embed(
@@ -179,6 +196,7 @@ def embed(
     n, n_layers = len(items), len(layers)
     bounds = np.cumsum([0] + [int(layer.dim) for layer in layers])
     cols = [slice(int(bounds[j]), int(bounds[j + 1])) for j in range(n_layers)]
+    _announce_size(n, layers)
     X = np.empty((n, int(bounds[-1])), dtype=np.float32)
     stats = {"hits": 0, "misses": 0, "computed": 0, "shared": 0, "uncacheable": 0}
     failures: list[tuple[int, str, str]] = []

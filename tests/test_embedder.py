@@ -231,3 +231,22 @@ def test_unpickled_embedder_refuses_a_replaced_model_file(tmp_path, sample_photo
     with pytest.raises(ModelFileError, match="Refit the embedder"):
         pickle.loads(blob).transform(sample_photos)
     shutil.rmtree(tmp_path)
+
+
+def test_the_output_size_is_said_before_the_work_starts(sample_photos, monkeypatch, caplog):
+    """#24 item 10: a large output (unpooled maps) is a warning naming the unpooled layers, before any image runs."""
+    import deepfeat.engine as engine
+    from deepfeat import ImageEmbedder
+
+    emb = ImageEmbedder(layers="stage4", pooling="none", progress=False).fit()
+    per_image = emb.n_features_out_
+    monkeypatch.setattr(engine, "LARGE_OUTPUT_BYTES", per_image * 4)
+    with caplog.at_level("WARNING", logger="deepfeat.engine"):
+        emb.transform(sample_photos)
+    assert (f"the features of 2 images take {2 * per_image * 4 / 2**20:.0f} MiB ({per_image} float32 per image); "
+            f"unpooled layers 'stage4' ({per_image}) make most of it") in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(engine, "LARGE_OUTPUT_BYTES", 1 << 40)
+    with caplog.at_level("WARNING", logger="deepfeat.engine"):
+        emb.transform(sample_photos)
+    assert "MiB" not in caplog.text
