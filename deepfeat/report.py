@@ -272,18 +272,20 @@ class ClassificationReport:
         ax = fig.subplots()
         for i, head in enumerate(heads):  # best first, at the top
             scores = np.asarray(splits[head], dtype=float)
-            ax.plot(scores, np.full(len(scores), i), "o", color="tab:blue", alpha=0.6, markersize=6,
+            # folds side by side, slightly apart, so equal scores do not hide each other
+            spread = 0.08 * (np.arange(len(scores)) - (len(scores) - 1) / 2)
+            ax.plot(scores, i + spread, "o", color="tab:blue", alpha=0.6, markersize=6,
                     label="one fold" if i == 0 else None)
             ax.plot([np.nanmean(scores)], [i], "|", color="black", markersize=18, markeredgewidth=2,
                     label="mean" if i == 0 else None)
         ax.set_yticks(range(len(heads)))
         ax.set_yticklabels([_tick(h) for h in heads])
-        ax.invert_yaxis()
+        ax.set_ylim(len(heads) - 0.5, -0.5)  # best at the top; room for the folds' spread
         ax.set_xlabel(f"CV {board.attrs.get('scoring', 'score')} per fold"  # type: ignore[union-attr]
                       f" ({board.attrs.get('n_splits', '?')} folds, best parameters)")  # type: ignore[union-attr]
         ax.grid(True, axis="x", alpha=0.3)
-        ax.legend(fontsize="small", loc="lower left")
-        fig.tight_layout()
+        fig.legend(fontsize="small", loc="upper center", ncol=2, frameon=False)
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
         return fig
 
     def _confusion_figure(self, normalize: bool) -> Figure:
@@ -304,7 +306,7 @@ class ClassificationReport:
         size = 9 if n <= 8 else 7 if n <= 16 else 5
         for i in range(n):
             for j in range(n):
-                if counts[i, j] == 0 and not normalize:
+                if counts[i, j] == 0:  # empty cells stay blank: the few errors stand out
                     continue
                 text = f"{shown[i, j]:.2f}\n({counts[i, j]})" if normalize else str(counts[i, j])
                 dark = shown[i, j] > 0.5 * vmax
@@ -591,6 +593,8 @@ _TEMPLATE = """<!DOCTYPE html>
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 1.5em auto;
        max-width: 1200px; padding: 0 1em; color: #222; line-height: 1.4; }
 h1 { font-size: 1.5em; margin-bottom: 0.2em; }
+nav { font-size: 0.9em; margin: 0.3em 0 0.8em; }
+nav a { color: #1f5fa8; }
 h2 { font-size: 1.15em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.6em; }
 .note { color: #555; margin: 0.2em 0; }
 .summary { font-size: 1.1em; font-weight: 600; }
@@ -602,7 +606,7 @@ table.settings td:first-child { white-space: nowrap; font-weight: 600; }
 table.settings td { word-break: break-word; }
 tr.best td { background: #eef6ee; }
 .figure img { max-width: 100%; height: auto; }
-.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(140px, 1fr)); gap: 10px; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 10px; }
 .thumb { border: 1px solid #ddd; border-radius: 4px; padding: 6px; font-size: 0.8em; background: #fafafa;
          overflow-wrap: anywhere; }
 .thumb { margin: 0; }
@@ -611,11 +615,13 @@ tr.best td { background: #eef6ee; }
 .thumb .missing { color: #999; }
 .thumb .true { color: #176117; }
 .thumb .pred { color: #a11; font-weight: 600; }
+.thumb .prob { font-weight: 600; }
 .thumb .file { color: #777; }
 </style>
 </head>
 <body>
 <h1>{{ title }}</h1>
+<nav><a href="#settings">settings</a>{% if recipe or probe %} · <a href="#auto">--auto probe</a>{% endif %}{% if leaderboard %} · <a href="#leaderboard">leaderboard</a>{% endif %} · <a href="#confusion">confusion matrix</a>{% if has_test %} · <a href="#per-class">per class</a> · <a href="#mistakes">misclassified images ({{ n_wrong }})</a>{% endif %}</nav>
 {% if summary %}<p class="summary">{{ summary }}</p>{% endif %}
 {% for note in notes %}<p class="note">{{ note }}</p>{% endfor %}
 
@@ -636,7 +642,7 @@ tr.best td { background: #eef6ee; }
 <section id="auto">
 <h2>--auto: layer probe and recipe</h2>
 {% if recipe %}<p>{{ recipe }}</p>{% endif %}
-{% if figs.probe %}<div class="figure"><img alt="linear probe score of each layer and pooling" src="{{ figs.probe }}"></div>{% endif %}
+{% if figs.get("probe") %}<div class="figure"><img alt="linear probe score of each layer and pooling" src="{{ figs.get("probe") }}"></div>{% endif %}
 {% if probe %}
 <table class="probe">
 <tr><th>layer</th><th>pooling</th><th>features</th><th>probe CV score</th><th>rank</th></tr>
@@ -655,13 +661,13 @@ tr.best td { background: #eef6ee; }
 {% for r in leaderboard %}<tr><td class="num">{{ r.rank }}</td><td>{{ r.head }}</td><td class="num">{{ r.score }}</td>
 <td class="num">{{ r.fit }}</td><td class="num">{{ r.search }}</td><td>{{ r.params }}</td></tr>
 {% endfor %}</table>
-{% if figs.cv_scores %}<div class="figure" id="cv-scores"><img alt="each head's score on each CV fold" src="{{ figs.cv_scores }}"></div>{% endif %}
+{% if figs.get("cv_scores") %}<div class="figure" id="cv-scores"><img alt="each head's score on each CV fold" src="{{ figs.get("cv_scores") }}"></div>{% endif %}
 </section>
 {% endif %}
 
 <section id="confusion">
 <h2>Confusion matrix{% if normalize %} (rows normalised){% endif %}</h2>
-{% if figs.confusion %}<div class="figure"><img alt="confusion matrix" src="{{ figs.confusion }}"></div>
+{% if figs.get("confusion") %}<div class="figure"><img alt="confusion matrix" src="{{ figs.get("confusion") }}"></div>
 {% else %}<p class="note">No labelled test images: pass --test (classify) or a labelled folder (predict).</p>{% endif %}
 </section>
 
@@ -683,7 +689,7 @@ tr.best td { background: #eef6ee; }
 <div class="grid">
 {% for t in thumbs %}<figure class="thumb" title="{{ t.path }}">
 <div class="img">{% if t.src %}<img alt="{{ t.name }}" src="{{ t.src }}">{% else %}<span class="missing">(unreadable)</span>{% endif %}</div>
-<figcaption><div class="true">true: {{ t.true }}</div><div class="pred">predicted: {{ t.predicted }}{% if t.probability %} ({{ t.probability }}){% endif %}</div>
+<figcaption><div class="true">true: {{ t.true }}</div><div class="pred">predicted: {{ t.predicted }}</div>{% if t.probability %}<div class="prob">p = {{ t.probability }}</div>{% endif %}
 <div class="file">{{ t.name }}</div></figcaption>
 </figure>
 {% endfor %}</div>
