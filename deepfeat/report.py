@@ -256,7 +256,9 @@ class ClassificationReport:
             from .selection import plot_layer_scores
 
             fig = Figure(figsize=(max(6.0, 0.45 * self.probe["layer"].nunique() + 2), 4.2))
-            plot_layer_scores(self.probe, ax=fig.subplots())
+            ax = plot_layer_scores(self.probe, ax=fig.subplots())
+            ax.legend(title="pooling", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+            fig.tight_layout()  # the legend beside the axes, off the lines
             figs["probe"] = fig
         return figs
 
@@ -357,6 +359,7 @@ class ClassificationReport:
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"The {name!r} parameter of ClassificationReport.to_html must be a positive "
                                  f"integer. Got {value!r}.")
+        probe = self._probe_rows()
         figs = {name: _png_data(fig) for name, fig in self.figures(normalize=normalize).items()}
         wrong = self.mistakes()
         shown = wrong.head(int(max_mistakes))
@@ -373,7 +376,7 @@ class ClassificationReport:
             figs=figs, normalize=normalize, per_class=self._class_rows(),
             has_test=self.y_true is not None, n_wrong=len(wrong), thumbs=thumbs,
             n_more=len(wrong) - len(shown), any_probability=bool(wrong["probability"].notna().any()),
-            probe=self._probe_rows(), recipe=self.recipe,
+            probe=probe, probe_top=sorted(probe, key=lambda r: r["rank_value"])[:10], recipe=self.recipe,
         )
         return html
 
@@ -440,6 +443,7 @@ class ClassificationReport:
         best = self.probe["mean_test_score"].max()
         return [{"layer": str(r.layer), "pooling": str(r.pooling), "features": str(r.n_features),
                  "score": f"{r.mean_test_score:.3f} ± {r.std_test_score:.3f}", "rank": str(r.rank_test_score),
+                 "rank_value": float(r.rank_test_score),
                  "best": bool(r.mean_test_score == best)}
                 for r in self.probe.itertuples(index=False)]
 
@@ -605,6 +609,8 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 table.settings td:first-child { white-space: nowrap; font-weight: 600; }
 table.settings td { word-break: break-word; }
 tr.best td { background: #eef6ee; }
+details { margin: 0.5em 0; }
+summary { cursor: pointer; color: #1f5fa8; }
 .figure img { max-width: 100%; height: auto; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 10px; }
 .thumb { border: 1px solid #ddd; border-radius: 4px; padding: 6px; font-size: 0.8em; background: #fafafa;
@@ -643,12 +649,16 @@ tr.best td { background: #eef6ee; }
 <h2>--auto: layer probe and recipe</h2>
 {% if recipe %}<p>{{ recipe }}</p>{% endif %}
 {% if figs.get("probe") %}<div class="figure"><img alt="linear probe score of each layer and pooling" src="{{ figs.get("probe") }}"></div>{% endif %}
-{% if probe %}
-<table class="probe">
+{% macro probe_table(rows) %}<table class="probe">
 <tr><th>layer</th><th>pooling</th><th>features</th><th>probe CV score</th><th>rank</th></tr>
-{% for r in probe %}<tr{% if r.best %} class="best"{% endif %}><td>{{ r.layer }}</td><td>{{ r.pooling }}</td>
+{% for r in rows %}<tr{% if r.best %} class="best"{% endif %}><td>{{ r.layer }}</td><td>{{ r.pooling }}</td>
 <td class="num">{{ r.features }}</td><td class="num">{{ r.score }}</td><td class="num">{{ r.rank }}</td></tr>
-{% endfor %}</table>
+{% endfor %}</table>{% endmacro %}
+{% if probe %}
+<p class="note">The best {{ probe_top | length }} of {{ probe | length }} (layer, pooling) pairs:</p>
+{{ probe_table(probe_top) }}
+{% if probe | length > probe_top | length %}<details><summary>all {{ probe | length }} pairs, in network order</summary>
+{{ probe_table(probe) }}</details>{% endif %}
 {% endif %}
 </section>
 {% endif %}

@@ -234,3 +234,19 @@ def test_bad_arguments_name_the_parameter():
         make_report(["a"])
     with pytest.raises(ValueError, match="'max_mistakes' parameter .* Got 0"):
         make_report(["a", "b"], ["a", "a"]).to_html(max_mistakes=0)
+
+
+def test_classify_auto_report_shows_the_probe(photo_sets, tmp_path):
+    """classify --auto --report: the probe's table and plot and the chosen recipe (no --test: no mistakes)."""
+    report = tmp_path / "auto.html"
+    assert main(["classify", str(photo_sets[0]), "--auto", "--heads", "logreg", "--cv", "3", "--no-progress",
+                 "--cache-dir", str(tmp_path / "cache"), "-o", str(tmp_path / "m.joblib"),
+                 "--report", str(report)]) == 0
+    html = report.read_text(encoding="utf-8")
+    page = _Page(html)
+    assert page.sections == ["settings", "auto", "leaderboard", "confusion"]
+    auto = page.section_text("auto")
+    assert "recipe --layers" in auto and "kept the" in auto and "probe CV score" in auto
+    assert "auto" in page.imgs and "--auto probe" in page.section_text("settings")
+    assert "No labelled test images" in page.section_text("confusion")
+    assert "http" not in html.lower()
