@@ -363,9 +363,11 @@ def cmd_classify(args) -> int:
     save_model(pipe, args.output)
     t_test0 = time.perf_counter()
     print(f"\nbest head: {best['head']} -> {args.output} (apply it: deepfeat predict {args.output} PATHS)")
-    evaluated = None
+    evaluated, notes = None, []
     if test is not None:
         Xt, yt, test_paths = _embed_rows(emb, test, "test")
+        if len(yt) < len(test):
+            notes.append(f"{len(test) - len(yt)} of {len(test)} test images could not be read and are left out.")
         pred = pipe[1:].predict(Xt)
         evaluated = (yt, pred, test_paths, _predicted_probability(pipe[1:], Xt, pred))
         acc = float(np.mean(pred == yt))
@@ -392,6 +394,7 @@ def cmd_classify(args) -> int:
                                 "test images": args.test or "none (no --test)",
                                 "CV": f"{board.attrs['n_splits']}-fold stratified, {args.scoring}, seed {args.seed}",
                                 "best head": f"{best['head']} -> {args.output}"},
+                      notes=notes,
                       title=f"deepfeat classify {_short(args.train)}" + (f" --test {_short(args.test)}" if args.test else ""))
     return 0
 

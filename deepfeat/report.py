@@ -298,7 +298,8 @@ class ClassificationReport:
         n = len(self.classes)
         names = [_tick(c) for c in self.classes]
         longest = max((len(t) for t in names), default=1)
-        side = max(3.5, 0.55 * n) + 0.09 * longest  # room for the labels beside and below the cells
+        # room for the labels beside and below the cells; a few hundred classes stay a readable picture
+        side = min(max(3.5, 0.55 * n) + 0.09 * longest, 40.0)
         fig = Figure(figsize=(side + 1.2, side))
         ax = fig.subplots()
         vmax = 1.0 if normalize else max(int(counts.max()), 1)
@@ -306,7 +307,7 @@ class ClassificationReport:
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04,
                      label="fraction of the true class" if normalize else "images")
         size = 9 if n <= 8 else 7 if n <= 16 else 5
-        for i in range(n):
+        for i in range(n if n <= 40 else 0):  # beyond 40 classes the colour alone: no room for numbers
             for j in range(n):
                 if counts[i, j] == 0:  # empty cells stay blank: the few errors stand out
                     continue

@@ -250,3 +250,17 @@ def test_classify_auto_report_shows_the_probe(photo_sets, tmp_path):
     assert "auto" in page.imgs and "--auto probe" in page.section_text("settings")
     assert "No labelled test images" in page.section_text("confusion")
     assert "http" not in html.lower()
+
+
+def test_unreadable_test_images_are_named_not_shown(photo_sets, tmp_path):
+    """--on-error skip: a test image that cannot be read is left out of the report, and the report says so."""
+    test = tmp_path / "test"
+    shutil.copytree(photo_sets[1], test)
+    (test / "china" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    report = tmp_path / "r.html"
+    assert main(["classify", str(photo_sets[0]), "--test", str(test), "--heads", "knn", "--cv", "3",
+                 "--on-error", "skip", "--no-progress", "-o", str(tmp_path / "m.joblib"),
+                 "--report", str(report)]) == 0
+    page = _Page(report.read_text(encoding="utf-8"))
+    assert "1 of" in " ".join(page.text[""]) and "could not be read and are left out" in " ".join(page.text[""])
+    assert "broken.jpg" not in report.read_text(encoding="utf-8")
