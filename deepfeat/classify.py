@@ -252,7 +252,8 @@ def compare_heads(
         None). ``search_time`` is the seconds of work on that head's fits,
         summed over the workers. ``df.attrs`` holds ``scoring``, ``n_splits``,
         ``search_seconds`` (wall time of all the searches), ``n_jobs`` (the
-        workers) and ``refit_seconds``.
+        workers), ``refit_seconds`` and ``split_test_scores`` (head -> its
+        score on each fold, for its best parameters; empty if it failed).
 
     See Also
     --------
@@ -342,9 +343,13 @@ def compare_heads(
     for rank in (wanted if refit in (True, "all") else wanted[:1]):
         name = board.at[rank, "head"]
         board.at[rank, "estimator"] = _refit(checked[name][0], board.at[rank, "params"], X, y, n_jobs)
+    # each head's score on each fold, for its best parameters (plain lists: pandas compares attrs)
+    split_scores = {name: ([] if result.best_index is None else
+                           [float(s) for s in result.split_scores[result.best_index]])
+                    for name, result in found.items()}
     board.attrs.update(scoring=scoring, n_splits=len(folds), search_seconds=wall,
                        n_jobs=worker_count(n_jobs),
-                       refit_seconds=time.perf_counter() - t_refit)
+                       refit_seconds=time.perf_counter() - t_refit, split_test_scores=split_scores)
     return board
 
 

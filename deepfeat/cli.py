@@ -274,8 +274,8 @@ def _labelled(path: str, args) -> pd.DataFrame:
     return df[~unlabelled].reset_index(drop=True)
 
 
-def _embed_rows(emb, df: "pd.DataFrame", what: str) -> tuple[Any, Any]:
-    """Embed df['path']; drop (and report) rows that failed under --on-error skip."""
+def _embed_rows(emb, df: "pd.DataFrame", what: str) -> tuple[Any, Any, Any]:
+    """Embed df['path']; drop (and report) rows that failed under --on-error skip. Returns X, y, paths kept."""
     import numpy as np
 
     X = emb.transform(df["path"])
@@ -284,7 +284,7 @@ def _embed_rows(emb, df: "pd.DataFrame", what: str) -> tuple[Any, Any]:
         print(f"deepfeat: {int((~ok).sum())} {what} images failed and are left out:", file=sys.stderr)
         for row in emb.failures_.itertuples(index=False):
             print(f"  {row.source}: {row.reason}", file=sys.stderr)
-    return X[ok], df["label"].to_numpy()[ok]
+    return X[ok], df["label"].to_numpy()[ok], df["path"].to_numpy()[ok]
 
 
 def _cache_note(emb) -> str:
@@ -302,6 +302,10 @@ def cmd_classify(args) -> int:
         unseen_classes_message,
     )
 
+    if args.report:  # before any work: a missing extra is one line, not a traceback after the embedding
+        from .report import check_report_dependencies
+
+        check_report_dependencies()
     heads = default_heads(random_state=args.seed)
     if args.heads:
         wanted = [h.strip() for h in args.heads.split(",") if h.strip()]
@@ -312,14 +316,14 @@ def cmd_classify(args) -> int:
     train = _labelled(args.train, args)
     test = _labelled(args.test, args) if args.test else None
     t_auto = time.perf_counter()
-    recipe = _auto_layers(train, args) if args.auto else None
+    recipe, probe = _auto_layers(train, args) if args.auto else (None, None)
     t_probe = time.perf_counter() - t_auto
     emb = _embedder(args)
     if recipe is not None:
         emb.set_params(layers=recipe)
     t0 = time.perf_counter()
     emb.fit()
-    X, y = _embed_rows(emb, train, "training")
+    X, y, _ = _embed_rows(emb, train, "training")
     t_embed = time.perf_counter() - t0
     print(
         f"{len(y)} training images, {len(set(y))} classes, {X.shape[1]} features from "
@@ -328,16 +332,20 @@ def cmd_classify(args) -> int:
     board = compare_heads(X, y, heads, cv=args.cv, scoring=args.scoring, n_jobs=args.n_jobs, random_state=args.seed,
                           progress=not args.no_progress)
     searched = [board]
+    recipe_note = None
     if recipe is not None:
         # the probe is noisy on a few hundred images: keep the recipe only if the heads, under the
         # same folds and on the training images alone, do at least as well as on the default layer
         plain = _embedder(args).fit()
-        Xd, yd = _embed_rows(plain, train, "training")
+        Xd, yd, _ = _embed_rows(plain, train, "training")
         default_board = compare_heads(Xd, yd, heads, cv=args.cv, scoring=args.scoring, n_jobs=args.n_jobs,
                                       random_state=args.seed, progress=not args.no_progress)
         searched = [board, default_board]
         ours, theirs = board["mean_test_score"].iloc[0], default_board["mean_test_score"].iloc[0]
         keep = ours > theirs
+        recipe_note = (f"recipe --layers {_layers_text(_picks(recipe))}: best head CV {ours:.3f}; default layer "
+                       f"({','.join(l for l, _ in plain.layers_)}): {theirs:.3f}; kept the "
+                       f"{'recipe' if keep else 'default layer'}")
         print(f"--auto: best head CV {ours:.3f} on the recipe, {theirs:.3f} on the default layer "
               f"({','.join(l for l, _ in plain.layers_)}): keeping the {'recipe' if keep else 'default'}")
         if not keep:
@@ -356,9 +364,13 @@ def cmd_classify(args) -> int:
     save_model(pipe, args.output)
     t_test0 = time.perf_counter()
     print(f"\nbest head: {best['head']} -> {args.output} (apply it: deepfeat predict {args.output} PATHS)")
+    evaluated, notes = None, []
     if test is not None:
-        Xt, yt = _embed_rows(emb, test, "test")
+        Xt, yt, test_paths = _embed_rows(emb, test, "test")
+        if len(yt) < len(test):
+            notes.append(f"{len(test) - len(yt)} of {len(test)} test images could not be read and are left out.")
         pred = pipe[1:].predict(Xt)
+        evaluated = (yt, pred, test_paths, _predicted_probability(pipe[1:], Xt, pred))
         acc = float(np.mean(pred == yt))
         print(f"\ntest: {len(yt)} images, accuracy {acc:.4f} ({int((pred == yt).sum())}/{len(yt)}){_cache_note(emb)}")
         if unseen := unseen_classes_message(yt, pipe.classes_):
@@ -370,7 +382,55 @@ def cmd_classify(args) -> int:
                               else None, board.attrs.get("n_jobs")))
     if recipe is not None:
         print(f"--auto took {time.perf_counter() - t_auto:.1f} s in all (layer choice, heads, test)")
+    if args.report:
+        timings = {"--auto probe": t_probe} if recipe is not None else {}
+        timings["embedding (training images)"] = t_embed
+        for i, b in enumerate(searched):
+            which = "" if len(searched) == 1 else (" on the recipe" if i == 0 else " on the default layer")
+            timings[f"head searches{which} (wall, {b.attrs['n_jobs']} threads)"] = b.attrs["search_seconds"]
+            timings[f"refit of the best head{which}"] = b.attrs["refit_seconds"]
+        if test is not None:
+            timings["test (embedding and prediction)"] = t_test
+        _write_report(args, evaluated, board=board, embedder=emb, head=best["estimator"], probe=probe,
+                      recipe=recipe_note, timings=timings,
+                      settings={"training images": f"{args.train} ({len(y)} images, {len(set(y))} classes)",
+                                "test images": args.test or "none (no --test)",
+                                "CV": f"{board.attrs['n_splits']}-fold stratified, {args.scoring}, seed {args.seed}",
+                                "best head": f"{best['head']} -> {args.output}"},
+                      notes=notes,
+                      title=f"deepfeat classify {_short(args.train)}" + (f" --test {_short(args.test)}" if args.test else ""))
     return 0
+
+
+def _short(path: str) -> str:
+    """The last two parts of a path, for a title."""
+    return "/".join(Path(os.path.abspath(path)).parts[-2:])
+
+
+def _picks(layers: list) -> list:
+    return [(x, "vector") if isinstance(x, str) else tuple(x) for x in layers]
+
+
+def _predicted_probability(head, X, pred):
+    """The probability the head gave each predicted class (its predict_proba), or None if it has none."""
+    import numpy as np
+
+    if not hasattr(head, "predict_proba"):
+        return None
+    proba = head.predict_proba(X)
+    column = {c: i for i, c in enumerate(head.classes_)}
+    return np.asarray([proba[i, column[p]] for i, p in enumerate(pred)])
+
+
+def _write_report(args, evaluated, *, title: str, **kwargs) -> None:
+    """--report FILE: the run as one self-contained HTML file (deepfeat.report), written atomically."""
+    from .report import make_report
+
+    y_true, y_pred, paths, proba = evaluated if evaluated is not None else (None, None, None, None)
+    report = make_report(y_true, y_pred, paths=paths, probability=proba, title=title,
+                         leaderboard=kwargs.pop("board", None), **kwargs)
+    out = report.save(args.report, normalize=args.report_normalize)
+    print(f"report -> {out}")
 
 
 def _time_report(probe: float | None, embed: float, boards: list, test: float | None, workers) -> str:
@@ -387,7 +447,7 @@ def _time_report(probe: float | None, embed: float, boards: list, test: float | 
     return "time: " + "; ".join(parts)
 
 
-def _auto_layers(train: "pd.DataFrame", args) -> list:
+def _auto_layers(train: "pd.DataFrame", args) -> tuple[list, "pd.DataFrame"]:
     """``classify --auto``: up to three (layer, pooling) picks, chosen by a probe on the training images only."""
     from .selection import select_recipe
 
@@ -398,11 +458,11 @@ def _auto_layers(train: "pd.DataFrame", args) -> list:
                                    cache=_cache_arg(args), random_state=args.seed, scoring=args.scoring,
                                    embedder_params=_embed_params(args))
     step = scores.attrs["combination"][-1] if scores.attrs.get("combination") else None
-    shown = _layers_text([(x, "vector") if isinstance(x, str) else x for x in layers])
+    shown = _layers_text(_picks(layers))
     probe = f", probe CV {step['mean_test_score']:.3f}" if step else ""
     print(f"--auto: {len(scores)} (layer, pooling) pairs probed in {time.perf_counter() - t:.1f} s on the "
           f"training images; recipe --layers {shown}{probe}")
-    return layers
+    return layers, scores
 
 
 def cmd_predict(args) -> int:
@@ -412,6 +472,10 @@ def cmd_predict(args) -> int:
     from .classify import load_model, predict_paths
     from .datasets import load_image_folder
 
+    if args.report:
+        from .report import check_report_dependencies
+
+        check_report_dependencies()
     # the cache folder is this machine's choice (--cache-dir, --no-cache), never a folder the file names
     pipe = load_model(args.model, cache=_cache_arg(args) if (args.no_cache or args.cache_dir) else "saved")
     overrides: dict[str, Any] = {"progress": not args.no_progress}
@@ -436,7 +500,13 @@ def cmd_predict(args) -> int:
             labels.append(None)
     if not paths:
         raise SystemExit(f"deepfeat: no image files in {args.paths}")
+    if args.report and all(lab is None or pd.isna(lab) for lab in labels):
+        raise SystemExit(f"deepfeat: --report needs labelled images to show what was wrong, and {args.paths} has "
+                         "none: give a folder of class sub-folders (root/<label>/<image>) or a CSV with a "
+                         "'label' column")
+    t0 = time.perf_counter()
     result = predict_paths(pipe, paths)
+    t_predict = time.perf_counter() - t0
     if args.output:
         with _atomic_output(Path(args.output)) as tmp:
             result.to_csv(tmp, index=False)
@@ -462,6 +532,18 @@ def cmd_predict(args) -> int:
             print(f"deepfeat: warning: {unseen}", file=sys.stderr)
         classes = sorted(set(truth) | set(pred))
         print(confusion_table(truth.astype(str), pred.astype(str), labels=[str(k) for k in classes]).to_string())
+        if args.report:
+            prob = result["probability"].iloc[known].to_numpy(dtype=float)
+            notes = []
+            if len(known) < len(result):
+                notes.append(f"{len(result) - len(known)} of {len(result)} inputs are left out: "
+                             f"{len(failed)} could not be read, {len(result) - len(known) - len(failed)} have no label.")
+            _write_report(args, (truth, pred, [paths[i] for i in known], None if np.isnan(prob).all() else prob),
+                          embedder=pipe.steps[0][1], head=pipe, notes=notes,
+                          timings={"embedding and prediction": t_predict},
+                          settings={"saved model": os.path.abspath(args.model),
+                                    "images": f"{', '.join(args.paths)} ({len(known)} labelled images)"},
+                          title=f"deepfeat predict {Path(args.model).name}")
     return 1 if len(failed) == len(result) else 0
 
 
@@ -673,6 +755,13 @@ def _add_embed_options(p):
     _add_cache_options(p)
 
 
+def _add_report_options(p, what: str) -> None:
+    p.add_argument("--report", default=None, metavar="HTML",
+                   help=f"write one self-contained HTML file of {what}; needs deepfeat[report]")
+    p.add_argument("--report-normalize", action="store_true",
+                   help="in the report, colour the confusion matrix by row fractions instead of counts")
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, but not the "None" of options that have no default."""
 
@@ -739,6 +828,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-jobs", type=int, default=None, help="worker threads for the head searches (default: one per core; 1: one fit after another)")
     p.add_argument("--seed", type=int, default=0, help="seed of the CV shuffle and the random forest")
     p.add_argument("--leaderboard", default=None, metavar="CSV", help="also write the leaderboard to this CSV")
+    _add_report_options(p, "the run (settings, leaderboard, per-fold CV scores; with --test the confusion "
+                        "matrix, per-class scores and the misclassified images)")
     p.add_argument("--auto", action="store_true",
                    help="first choose up to three (layer, pooling) with a linear probe on TRAIN alone "
                         "(deepfeat select-layer), then search the heads on them")
@@ -752,6 +843,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", default=None, help="override the saved providers ('auto', 'cpu', 'cuda', ...)")
     p.add_argument("--path-column", default="path", help="column of image paths in a CSV")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_report_options(p, "the predictions on labelled images (confusion matrix, per-class scores, the "
+                        "misclassified images)")
     _add_cache_options(p, predict=True)
     p.set_defaults(func=cmd_predict)
 
