@@ -321,7 +321,9 @@ def _torchvision_export_spec(
     untrained-weights guard (``check_trained``: an export made with ``--random-weights`` is refused).
     Preprocessing is the weights' own transforms (``weights.transforms()``), which the exporter
     compares with these values before it writes anything. ``size_bytes`` is that of an export of
-    the same architecture made here (the weights' shapes fix it, to a few bytes of metadata).
+    the same architecture made here with random, non-initial weights (the weights' shapes fix it, to
+    a few bytes of metadata; an initialisation is smaller, as torch's exporter merges its identical
+    zero biases).
     """
     return ModelSpec(
         name=name,
@@ -394,7 +396,7 @@ _REGISTRY: dict[str, ModelSpec] = {
     # torchvision's ResNet50_Weights.IMAGENET1K_V2: transforms resize 232 (bilinear), crop 224, ImageNet mean/std
     "resnet50_tv": _torchvision_export_spec(
         "resnet50_tv", "resnet50", "IMAGENET1K_V2", module="resnet", input_size=224, resize_size=232, pooled_dim=2048,
-        size_bytes=102060161, top1=80.858,
+        size_bytes=102149079, top1=80.858,
         description="ResNet-50 (torchvision weights), ImageNet-1k, 224px, 2048-d pooled",
     ),
     # torchvision's Inception_V3_Weights.IMAGENET1K_V1 (ported from Google's TensorFlow weights): transforms
@@ -402,7 +404,7 @@ _REGISTRY: dict[str, ModelSpec] = {
     # itself turns ImageNet-normalised pixels into the [-1, 1] input those weights were trained on
     "inception_v3": _torchvision_export_spec(
         "inception_v3", "inception_v3", "IMAGENET1K_V1", module="inception", input_size=299, resize_size=342, pooled_dim=2048,
-        size_bytes=95263441, top1=77.294,
+        size_bytes=95322195, top1=77.294,
         description="Inception-v3 (torchvision/Google weights), ImageNet-1k, 299px, 2048-d pooled",
     ),
     # the zoo's Computer_Vision benchmark exports, which the plain names meant before: weights unverified
