@@ -429,6 +429,11 @@ def _export_on_demand(spec: ModelSpec, dest: Path) -> Path:
         raise ModelFileError(
             f"{exc} Or put {spec.filename} at {dest} or in a folder named by $DEEPFEAT_MODELS."
         ) from exc
+    except OSError as exc:  # torchvision could not fetch the weights (offline), or the file could not be written
+        raise ModelFileError(
+            f"Exporting model {spec.name!r} failed: {exc}. Run `deepfeat export {spec.name}` where its weights "
+            f"can be downloaded, or put {spec.filename} at {dest} or in a folder named by $DEEPFEAT_MODELS."
+        ) from exc
     digest = file_sha256(path)
     # an export of torchvision weights has no pinned digest: resolve_model checks its recipe and structure
     if spec.sha256 is not None and digest not in spec.accepted_sha256:
