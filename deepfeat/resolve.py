@@ -143,8 +143,8 @@ def _check_export(path: Path, digest: str, spec: ModelSpec) -> None:
     else:
         for key in ("input_size", "resize_size", "interpolation", "mean", "std"):
             want, got = getattr(spec, key), record.get(key)
-            same = (got is not None and len(got) == 3 and np.allclose(got, want, rtol=0, atol=1e-6)
-                    if key in ("mean", "std") else got == want)
+            same = (isinstance(got, list) and len(got) == 3 and all(isinstance(v, (int, float)) for v in got)
+                    and np.allclose(got, want, rtol=0, atol=1e-6) if key in ("mean", "std") else got == want)
             if not same:
                 problems.append(f"{key} {got!r} where the registry has {want!r}")
         if record.get("layers") != dict(spec.layers):

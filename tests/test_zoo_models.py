@@ -224,6 +224,7 @@ def test_an_export_of_the_recipe_resolves_and_embeds_with_its_preprocessing(name
     ({"resize_size": 341}, r"resize_size 341 where the registry has 342"),
     ({"mean": [127.5, 127.5, 127.5]}, r"mean \[127.5, 127.5, 127.5\] where the registry has \(123.67"),
     ({"layers": {"pooled": "pooled"}}, r"layers \{'pooled': 'pooled'\} where the registry has"),
+    ({"std": "58.4"}, r"std '58.4' where the registry has \(58.39"),
 ])
 def test_a_file_that_is_not_the_recipes_export_is_refused(change, message, models_dir):
     _put_export(models_dir, "inception_v3", **change)
