@@ -164,6 +164,18 @@ def test_a_spec_pickled_before_the_trained_field_loads():
     old = registry._rebuild_spec(fields)  # what unpickling an older spec calls
     assert old.trained == "" and old.sha256 == spec.sha256
     assert pickle.loads(pickle.dumps(spec)) == spec
+    # an embedder saved before the field existed (its spec_ is stored as a dict) loads and embeds
+    from deepfeat import ImageEmbedder
+
+    images = np.random.default_rng(0).integers(0, 255, (2, 40, 40, 3), dtype=np.uint8)
+    emb = ImageEmbedder(layers="pooled", progress=False).fit(images)
+    state = emb.__getstate__()
+    for key in ("trained", "trained_source"):
+        del state["spec_"][key]
+    loaded = ImageEmbedder.__new__(ImageEmbedder)
+    loaded.__setstate__(state)
+    assert loaded.spec_.trained == "" and loaded.spec_.input_size == 224
+    np.testing.assert_allclose(loaded.transform(images), emb.transform(images), rtol=1e-6)
 
 
 def test_a_published_file_with_untrained_weights_is_refused(registered_file):
