@@ -243,14 +243,17 @@ def cmd_models(args) -> int:
         "pooled": df["pooled_dim"],
         "MB": df["size_mb"],
         "arrives": df["obtain"],
-        "on disk": df["offline"].map({True: "yes", False: "no"}),
+        # the file is on disk already
+        "local": df["offline"].map({True: "yes", False: "no"}),
+        # how the weights are known to be trained; list_models()["trained_source"] says where that was read
+        "trained": df["trained"],
         # the licences' names (file; weights); list_models() has the whole text
-        "license": [" + ".join(part.strip().removeprefix("weights ")
+        "license": ["+".join(part.strip().removeprefix("weights ")
                                for part in re.sub(r"\s*\([^)]*\)", "", str(v)).split(";"))
                     for v in df["license"]],
     })
     print(shown.to_string(index=False))
-    print("(deepfeat.list_models() has every column: sources, sha256, download mirrors, descriptions)")
+    print("(deepfeat.list_models() has every column: sources, sha256, mirrors, where 'trained' was read)")
     return 0
 
 
@@ -668,7 +671,8 @@ def _add_export_parser(sub) -> None:
         help="export a PyTorch model to ONNX with standard layer aliases (needs deepfeat[export])",
         description=(
             "SOURCE is a registered model made by export (efficientnet_lite0/1/2: written to "
-            "the user model cache and checked against its sha256), torchvision:NAME, "
+            "the user model cache and checked against its sha256; inception_v3, resnet50_tv: from "
+            "torchvision's weights, which torchvision checks by their hash), torchvision:NAME, "
             "timm:NAME, or package.module:callable returning a torch.nn.Module."
         ),
     )
@@ -696,9 +700,20 @@ def _cmd_export(args) -> int:
 
     spec = _REGISTRY.get(args.source)
     if spec is not None:
+        if args.random_weights and not args.output:
+            # the cache's file is taken for the trained one; a random-weights copy goes where it is asked to
+            print(f"deepfeat: error: --random-weights for the registered model {args.source!r} needs -o FILE "
+                  "(the user model cache holds the pretrained file only).", file=sys.stderr)
+            return 1
         out = Path(args.output) if args.output else user_models_dir() / spec.filename
-        path = export_registered(args.source, out)
+        path = export_registered(args.source, out, pretrained=not args.random_weights)
         digest = file_sha256(path)
+        if not spec.accepted_sha256:
+            weights = "random weights (not pretrained)" if args.random_weights else "pretrained weights"
+            print(f"exported {args.source} ({weights}) -> {path} ({path.stat().st_size} bytes, sha256 {digest}; "
+                  "made here, so no sha256 is pinned: its recipe, preprocessing, aliases and weights are "
+                  "checked when it is used)")
+            return 0
         good = digest in spec.accepted_sha256
         ok = "matches the registry" if good else f"DIFFERS from the registry's {spec.sha256}"
         print(f"exported {args.source} -> {path} ({path.stat().st_size} bytes, sha256 {digest}: {ok})")

@@ -6,7 +6,8 @@ through a ``.part`` file: an interrupted transfer is resumed with an HTTP
 is checked before the file gets its final name (``os.replace``, atomic on one
 file system), so a reader never sees a half-written or wrong model. Entries
 without a URL whose file is produced by ``deepfeat export`` (EfficientNet-Lite1
-and -Lite2) are exported on demand when PyTorch is installed.
+and -Lite2, ``inception_v3`` and ``resnet50_tv`` from torchvision's weights) are
+exported on demand when PyTorch (and torchvision, for those) is installed.
 """
 
 from __future__ import annotations
@@ -430,11 +431,13 @@ def _locked(lock_path: Path) -> Iterator[None]:
 def _export_on_demand(spec: ModelSpec, dest: Path) -> Path:
     from .export import export_registered  # imports torch only when called
 
-    if importlib.util.find_spec("torch") is None:
+    needs = ["torch"] + (["torchvision"] if (spec.exporter or "").startswith("torchvision:") else [])
+    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    if missing:
         raise ModelFileError(
-            f"Model {spec.name!r} is not shipped: its file is made from PyTorch weights "
-            f"by `deepfeat export {spec.name}`, which needs pip install 'deepfeat[export]'. "
-            f"Or put {spec.filename} at {dest} or in a folder named by $DEEPFEAT_MODELS."
+            f"Model {spec.name!r} is not shipped: its file is made on this machine from PyTorch weights by "
+            f"`deepfeat export {spec.name}`, which needs pip install \"deepfeat[export]\" ({' and '.join(missing)} "
+            f"not installed). Or put {spec.filename} at {dest} or in a folder named by $DEEPFEAT_MODELS."
         )
     logger.warning("%s is not on disk; exporting it from PyTorch to %s (once)", spec.name, dest)
     try:
@@ -443,14 +446,20 @@ def _export_on_demand(spec: ModelSpec, dest: Path) -> Path:
         raise ModelFileError(
             f"{exc} Or put {spec.filename} at {dest} or in a folder named by $DEEPFEAT_MODELS."
         ) from exc
+    except OSError as exc:  # torchvision could not fetch the weights (offline), or the file could not be written
+        raise ModelFileError(
+            f"Exporting model {spec.name!r} failed: {exc}. Run `deepfeat export {spec.name}` where its weights "
+            f"can be downloaded, or put {spec.filename} at {dest} or in a folder named by $DEEPFEAT_MODELS."
+        ) from exc
     digest = file_sha256(path)
+    # an export of torchvision weights has no pinned digest: resolve_model checks its recipe and structure
     if spec.sha256 is not None and digest not in spec.accepted_sha256:
         bad = path.with_name(path.name + ".mismatch")
         os.replace(path, bad)
         raise ModelFileError(
             f"Exporting {spec.name!r} gave sha256 {digest}, but the registry expects "
             f"{spec.sha256}. Versions of torch/onnx outside the export extra's ranges may "
-            f"produce different bytes: pip install 'deepfeat[export]'; the export was "
+            f"produce different bytes: pip install \"deepfeat[export]\"; the export was "
             f"kept at {bad} for inspection."
         )
     return path

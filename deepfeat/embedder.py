@@ -346,11 +346,16 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         from .registry import _REGISTRY
 
         spec = _REGISTRY.get(str(self.model))
-        if spec is not None and spec.sha256 and self.model_sha256_ not in spec.accepted_sha256:
+        # the fitted file is now registered under another name (resnet50's Computer_Vision export is
+        # resnet50_unverified): the name means another file, whether pinned or made by deepfeat export
+        moved = [s.name for s in _REGISTRY.values() if s.name != self.model and self.model_sha256_ in s.accepted_sha256]
+        if spec is not None and (spec.sha256 or moved) and self.model_sha256_ not in spec.accepted_sha256:
             # the name now means another file: say so before downloading or exporting it
+            now = f"the file with sha256 {spec.sha256}" if spec.sha256 else "a file made by deepfeat export"
+            where = f"; the file it was fitted on is now registered as {moved[0]!r}" if moved else ""
             raise ModelFileError(
                 f"This embedder was fitted on model {self.model!r} with sha256 {self.model_sha256_}, but that "
-                f"name now means the file with sha256 {spec.sha256} ({spec.description}). Refit the embedder "
+                f"name now means {now} ({spec.description}){where}. Refit the embedder "
                 f"(or pass the old file's path as model=)."
             )
         found, _ = resolve_model(self.model, **dict(self.preprocessing or {}))

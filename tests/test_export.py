@@ -296,3 +296,116 @@ def test_torchvision_backbones_export_with_the_standard_aliases(name, size, expe
     strides = {f"stage{k}": 2**k for k in range(1, 6)}
     assert {a: int(table[a]["reduction"]) for a in expected if a in strides} == {
         a: s for a, s in strides.items() if a in expected}
+
+
+# --- the registered inception_v3: torchvision's IMAGENET1K_V1 weights through deepfeat export ----------------
+# RANDOM WEIGHTS here too (no model hub): the architecture is the one torchvision loads those weights into
+# (transform_input=True); the real file is `deepfeat export inception_v3`, which the README gives.
+
+
+def _randomise_batch_norms(net):
+    """Batch-norm statistics and affine values that are not an initialisation, as trained weights have."""
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return net
+
+
+@pytest.fixture(scope="module")
+def inception_v3_export(tmp_path_factory):
+    """``export_registered("inception_v3", model=...)`` on torchvision's architecture with random
+    (non-initial) weights, standing in for the pretrained ones, in a models folder of its own."""
+    pytest.importorskip("torchvision")
+    from deepfeat.export import export_registered, registered_module
+
+    torch.manual_seed(0)
+    net = registered_module("inception_v3", pretrained=False)
+    # the module torchvision builds for Inception_V3_Weights.IMAGENET1K_V1 (models/inception.py, inception_v3())
+    assert net.transform_input is True and net.aux_logits is True and not net.training
+    _randomise_batch_norms(net)
+    path = tmp_path_factory.mktemp("models") / "inception_v3.onnx"
+    assert export_registered("inception_v3", path, model=net) == path
+    return net, path
+
+
+def test_registered_inception_v3_export_resolves_with_its_recipe_and_matches_pytorch(
+        inception_v3_export, monkeypatch):
+    from deepfeat import ImageEmbedder, registry
+    from deepfeat.images import preprocess
+
+    net, path = inception_v3_export
+    spec = registry.get_model_spec("inception_v3")
+    monkeypatch.setattr(registry, "models_dirs", lambda: [path.parent])
+    found, resolved = resolve_model("inception_v3")  # recipe, preprocessing, aliases and weights checked
+    assert found == path and dict(resolved.layers) == dict(spec.layers)
+    # the file's size is the registered one, up to the metadata's few bytes
+    assert abs(path.stat().st_size - spec.size_bytes) < 200
+    df = list_layers("inception_v3", aliases_only=True)
+    table = {a: row for _, row in df.iterrows() for a in [row["alias"], *filter(None, row["also"].split(","))]}
+    assert {a: int(table[a]["channels"]) for a in spec.layers} == {
+        "stage1": 64, "stage2": 192, "stage3": 288, "stage4": 768, "stage5": 2048, "features": 2048,
+        "pooled": 2048, "logits": 1000}
+    assert {a: int(table[a]["reduction"]) for a in ("stage1", "stage2", "stage3", "stage4", "stage5")} == {
+        "stage1": 2, "stage2": 4, "stage3": 8, "stage4": 16, "stage5": 32}
+    # embedding by name: the weights' transforms (resize 342, crop 299, ImageNet mean/std), then the graph
+    # computes what PyTorch computes on those pixels
+    from PIL import Image
+
+    images = np.random.default_rng(3).integers(0, 255, (2, 330, 400, 3), dtype=np.uint8)
+    emb = ImageEmbedder(model="inception_v3", layers=["stage4", "pooled", "logits"], progress=False)
+    X = emb.fit(images).transform(images)
+    assert X.shape == (2, 768 + 2048 + 1000) and emb.spec_.input_size == 299
+    x = np.stack([preprocess(Image.fromarray(im), input_size=299, resize_size=342, mean=spec.mean,
+                             std=spec.std, interpolation="bilinear") for im in images])
+    with torch.no_grad():
+        want = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(X[:, -1000:], want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+
+
+def test_registered_inception_v3_with_random_weights_is_refused_under_its_name(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("torchvision")
+    import json
+
+    from deepfeat import registry
+    from deepfeat.cli import main
+    from deepfeat.registry import ModelFileError
+
+    # the user cache holds the pretrained file only: a random-weights export must be sent elsewhere
+    assert main(["export", "inception_v3", "--random-weights"]) == 1
+    assert "needs -o FILE" in capsys.readouterr().err
+    out = tmp_path / "models" / "inception_v3.onnx"
+    torch.manual_seed(0)
+    assert main(["export", "inception_v3", "--random-weights", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "(random weights (not pretrained))" in printed and "no sha256 is pinned" in printed
+    record = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["deepfeat"])
+    assert (record["recipe"], record["weights"]) == ("torchvision:inception_v3@IMAGENET1K_V1", "random")
+    assert (record["input_size"], record["resize_size"], record["interpolation"]) == (299, 342, "bilinear")
+    assert record["mean"] == pytest.approx([123.675, 116.28, 103.53]) and record["layers"] == dict(
+        registry.get_model_spec("inception_v3").layers)
+    monkeypatch.setattr(registry, "models_dirs", lambda: [out.parent])
+    with pytest.raises(ModelFileError, match=r"holds untrained weights \(all \d+ convolution biases are exactly 0\)"):
+        resolve_model("inception_v3")
+
+
+def test_registered_resnet50_tv_builds_the_weights_architecture_and_checks_the_transforms():
+    pytest.importorskip("torchvision")
+    from dataclasses import replace
+
+    from deepfeat import registry
+    from deepfeat.export import ExportCheckError, registered_module
+
+    net = registered_module("resnet50_tv", pretrained=False)
+    assert type(net).__name__ == "ResNet" and net.fc.out_features == 1000
+    # a registry whose preprocessing drifted from torchvision's transforms is refused before any export
+    spec = registry.get_model_spec("resnet50_tv")
+    registry._REGISTRY["resnet50_tv"] = replace(spec, resize_size=256)
+    try:
+        with pytest.raises(ExportCheckError, match=r"now has resize_size=232, the registry 256"):
+            registered_module("resnet50_tv", pretrained=False)
+    finally:
+        registry._REGISTRY["resnet50_tv"] = spec

@@ -4,8 +4,11 @@ The real files (100-550 MB) cannot be downloaded on the test machines, so the
 tests check the layer rules on graphs of the same architecture: the same
 operators, kernel sizes, strides, paddings and branch structure, in the style
 of the exporter that made each file (Caffe2 names and a final Softmax for
-AlexNet, MXNet names for VGG, a timm export with batch norms folded for
-Inception-v3 and ResNet-50, each with the file's fixed batch-1 input). Channel
+AlexNet, MXNet names for VGG and ResNet-50 v1 (batch norms left as nodes), a
+turnkey export with batch norms folded for the Computer_Vision Inception-v3 and
+ResNet-50, each with the file's fixed batch-1 input). :func:`as_deepfeat_export`
+turns a graph into what ``deepfeat export`` writes (alias-named tensors, a
+dynamic batch axis, the metadata record). Channel
 widths are divided by ``div`` to keep them small; the weights are random, with
 non-zero biases as trained networks have (``trained=False`` gives the zero
 biases of an untrained export).
@@ -234,7 +237,86 @@ def torchvision_resnet50(div: int = 8, trained: bool = True, classes: int = 100)
     return b.model("resnet50", "input", 224, "fc", classes, 17)
 
 
-#: builder, the registry name it stands for, and the aliases the rules must find on it
+def mxnet_resnet50_v1(div: int = 8, trained: bool = True, classes: int = 100) -> onnx.ModelProto:
+    """MXNet Gluon ResNet-50 v1 as the zoo's ``resnet50-v1-12`` lays it out: input ``data``, Conv without
+    bias then BatchNormalization and Relu (not folded), the stride on each stage's first 1x1 conv (v1,
+    not v1.5), shortcut conv + batch norm, ``_plus`` Add then Relu, global average pool, Flatten, Dense."""
+    b = _Builder(5, trained)
+    p = "resnetv17_"
+    n = {"conv": 0, "bn": 0}
+
+    def conv_bn(x, cin, cout, k, name, stride=1, pad=None, relu=True):
+        pad = k // 2 if pad is None else pad
+        w = b.weight(f"{name}_weight", (cout, cin, k, k), cin * k * k)
+        c = b.node("Conv", [x, w], f"{name}_fwd", kernel_shape=[k, k], strides=[stride, stride], pads=[pad] * 4)
+        bn = name.replace("conv", "batchnorm")
+        gamma = b.const(f"{bn}_gamma", (b.rng.uniform(0.5, 1.5, cout) if trained else np.ones(cout)).astype(np.float32))
+        beta = b.const(f"{bn}_beta", (b.rng.normal(0, 0.1, cout) if trained else np.zeros(cout)).astype(np.float32))
+        mean = b.const(f"{bn}_running_mean", (b.rng.normal(0, 0.1, cout) if trained else np.zeros(cout)).astype(np.float32))
+        var = b.const(f"{bn}_running_var", (b.rng.uniform(0.5, 2, cout) if trained else np.ones(cout)).astype(np.float32))
+        y = b.node("BatchNormalization", [c, gamma, beta, mean, var], f"{bn}_fwd", epsilon=1e-5)
+        return b.node("Relu", [y], f"{bn.replace('batchnorm', 'relu')}_fwd") if relu else y
+
+    x = conv_bn("data", 3, 64 // div, 7, f"{p}conv0", stride=2, pad=3)
+    x = b.pool("MaxPool", x, 3, 2, f"{p}pool0_fwd", pad=1)
+    cin = 64 // div
+    for s, (width, blocks, stride) in enumerate(((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)), start=1):
+        width //= div
+        for i in range(blocks):
+            q = f"{p}stage{s}_"
+            st = stride if i == 0 else 1
+            h = conv_bn(x, cin, width, 1, f"{q}conv{3 * i}", stride=st, pad=0)
+            h = conv_bn(h, width, width, 3, f"{q}conv{3 * i + 1}")
+            h = conv_bn(h, width, width * 4, 1, f"{q}conv{3 * i + 2}", pad=0, relu=False)
+            short = conv_bn(x, cin, width * 4, 1, f"{q}down_conv{i}", stride=st, pad=0, relu=False) if i == 0 else x
+            add = b.node("Add", [h, short], f"{q}_plus{i}")
+            x = b.node("Relu", [add], f"{q}activation{i}")
+            cin = width * 4
+    x = b.node("GlobalAveragePool", [x], f"{p}pool1_fwd")
+    x = b.node("Flatten", [x], f"{p}flatten0_flatten0", axis=1)
+    b.gemm(x, cin, classes, f"{p}dense0_fwd")
+    return b.model("resnet50_v1", "data", 224, f"{p}dense0_fwd", classes, 12)
+
+
+def as_deepfeat_export(model: onnx.ModelProto, aliases: dict[str, str], spec, *, weights: str = "pretrained",
+                       recipe: str | None = None, **record_changes) -> onnx.ModelProto:
+    """``model`` as ``deepfeat export`` writes a registered recipe's file: each alias's tensor renamed to the
+    alias (a second alias of the same tensor is an Identity, as torch's exporter writes it), the input
+    ``input`` with a dynamic batch axis, and deepfeat's metadata record (``recipe``, ``weights``, the spec's
+    preprocessing and aliases; ``record_changes`` replace entries)."""
+    import json
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    rename: dict[str, str] = {g.input[0].name: "input"}
+    extra = []
+    for alias, tensor in aliases.items():
+        if tensor in rename:
+            extra.append(helper.make_node("Identity", [rename[tensor]], [alias]))
+        else:
+            rename[tensor] = alias
+    for node in g.node:
+        node.input[:] = [rename.get(t, t) for t in node.input]
+        node.output[:] = [rename.get(t, t) for t in node.output]
+    g.node.extend(extra)
+    for vi in list(g.input) + list(g.output):
+        vi.name = rename.get(vi.name, vi.name)
+        vi.type.tensor_type.shape.dim[0].dim_param = "batch"
+    record = {
+        "recipe": spec.exporter if recipe is None else recipe, "weights": weights,
+        "input_size": spec.input_size, "resize_size": spec.resize_size, "interpolation": spec.interpolation,
+        "mean": list(spec.mean), "std": list(spec.std), "layers": {a: a for a in aliases},
+        "default_layer": "pooled", "description": spec.description, "source": spec.exporter,
+        **record_changes,
+    }
+    m.producer_name = "deepfeat.export"
+    m.metadata_props.add(key="deepfeat", value=json.dumps(record, sort_keys=True))
+    onnx.checker.check_model(m)
+    return m
+
+
+#: the registry name each builder stands for, and the aliases the rules must find on it
 ARCHITECTURES = {
     "alexnet": (caffe_alexnet, {
         # no stride-2 map: conv1 has stride 4 (55x55); LRN ends the first two stages
@@ -245,10 +327,22 @@ ARCHITECTURES = {
         "stage4": "vgg0_relu12_fwd", "stage5": "vgg0_pool4_fwd", "features": "vgg0_pool4_fwd",
         "pooled": "vgg0_dense1_relu_fwd", "logits": "vgg0_dense2_fwd",
         "fc6": "vgg0_dense0_relu_fwd", "fc7": "vgg0_dense1_relu_fwd"}),
-    "inception_v3": (timm_inception_v3, {
+    "inception_v3_unverified": (timm_inception_v3, {
         "stage1": "Conv2d_2b_3x3", "stage2": "Conv2d_4a_3x3", "stage3": "Mixed_5d", "stage4": "Mixed_6e",
         "stage5": "Mixed_7c", "features": "Mixed_7c", "pooled": "global_pool", "logits": "fc"}),
-    "resnet50": (torchvision_resnet50, {
+    "resnet50_unverified": (torchvision_resnet50, {
         "stage1": "relu", "stage2": "layer1.2.relu", "stage3": "layer2.3.relu", "stage4": "layer3.5.relu",
         "stage5": "layer4.2.relu", "features": "layer4.2.relu", "pooled": "avgpool", "logits": "fc"}),
+    "resnet50": (mxnet_resnet50_v1, {
+        "stage1": "resnetv17_relu0_fwd", "stage2": "resnetv17_stage1_activation2",
+        "stage3": "resnetv17_stage2_activation3", "stage4": "resnetv17_stage3_activation5",
+        "stage5": "resnetv17_stage4_activation2", "features": "resnetv17_stage4_activation2",
+        "pooled": "resnetv17_pool1_fwd", "logits": "resnetv17_dense0_fwd"}),
+}
+
+#: registered names made by ``deepfeat export`` from torchvision weights: the graph of the same architecture
+#: (torchvision's module layout) and the tensors its aliases are, before :func:`as_deepfeat_export` renames them
+EXPORTS = {
+    "inception_v3": ARCHITECTURES["inception_v3_unverified"],
+    "resnet50_tv": ARCHITECTURES["resnet50_unverified"],
 }
