@@ -358,6 +358,19 @@ def _zoo_top1(top1: float | None, readme: str) -> dict[str, str]:
 _RESNET_README = "validated/vision/classification/resnet/README.md@dcad528"
 
 
+def _mxnet_resnet50_v1(name: str) -> ModelSpec:
+    """The zoo's validated MXNet Gluon ResNet-50 v1 file: one pin, registered under two names."""
+    return _zoo_spec(
+        name, "resnet/model/resnet50-v1-12.onnx",
+        "ab65bdc02c5b3123eb3cdf6dac01742438517d8635d4f233913b2be1c70db3b6", 102576419,
+        # the zoo's manifest lists another upload of the same path
+        sha256_also=("3f03fdef724b22947eed826f1eef1dc5c34151bb4c37d634f1db89dfa2dd1526",),
+        source="MXNet Gluon ResNet-50 v1, opset 12",
+        description="ResNet-50 v1 (MXNet weights), ImageNet-1k, 224px, 2048-d pooled",
+        pooled_dim=2048, **_zoo_top1(74.97, _RESNET_README),
+    )
+
+
 _REGISTRY: dict[str, ModelSpec] = {
     "efficientnet_lite0": ModelSpec(
         name="efficientnet_lite0",
@@ -385,14 +398,7 @@ _REGISTRY: dict[str, ModelSpec] = {
     # the MXNet Gluon ResNet-50 v1 the zoo validated (top-1 74.97% in its README), the same file as
     # resnet50_mxnet: it needs no PyTorch, and its sha256 is the publisher's. The torchvision weights
     # (IMAGENET1K_V2) are resnet50_tv, made by deepfeat export on the user's machine.
-    "resnet50": _zoo_spec(
-        "resnet50", "resnet/model/resnet50-v1-12.onnx",
-        "ab65bdc02c5b3123eb3cdf6dac01742438517d8635d4f233913b2be1c70db3b6", 102576419,
-        sha256_also=("3f03fdef724b22947eed826f1eef1dc5c34151bb4c37d634f1db89dfa2dd1526",),
-        source="MXNet Gluon ResNet-50 v1, opset 12",
-        description="ResNet-50 v1 (MXNet weights), ImageNet-1k, 224px, 2048-d pooled",
-        pooled_dim=2048, **_zoo_top1(74.97, _RESNET_README),
-    ),
+    "resnet50": _mxnet_resnet50_v1("resnet50"),
     # torchvision's ResNet50_Weights.IMAGENET1K_V2: transforms resize 232 (bilinear), crop 224, ImageNet mean/std
     "resnet50_tv": _torchvision_export_spec(
         "resnet50_tv", "resnet50", "IMAGENET1K_V2", module="resnet", input_size=224, resize_size=232, pooled_dim=2048,
@@ -447,15 +453,7 @@ _REGISTRY: dict[str, ModelSpec] = {
         license="BSD-3-Clause (BVLC Caffe weights, per the zoo's README)",
         pooled_dim=4096, **_zoo_top1(54.80, "validated/vision/classification/alexnet/README.md@e5e99d9"),
     ),
-    "resnet50_mxnet": _zoo_spec(
-        "resnet50_mxnet", "resnet/model/resnet50-v1-12.onnx",
-        "ab65bdc02c5b3123eb3cdf6dac01742438517d8635d4f233913b2be1c70db3b6", 102576419,
-        # the zoo's manifest lists another upload of the same path
-        sha256_also=("3f03fdef724b22947eed826f1eef1dc5c34151bb4c37d634f1db89dfa2dd1526",),
-        source="MXNet Gluon ResNet-50 v1, opset 12",
-        description="ResNet-50 v1 (MXNet weights), ImageNet-1k, 224px, 2048-d pooled",
-        pooled_dim=2048, **_zoo_top1(74.97, _RESNET_README),
-    ),
+    "resnet50_mxnet": _mxnet_resnet50_v1("resnet50_mxnet"),
     "resnet50_v2": _zoo_spec(
         "resnet50_v2", "resnet/model/resnet50-v2-7.onnx",
         "1e80e8a7c8eec8e8b20c440d7dd7f2f8590779c7c2859dc4514870dc463845d3", 102442450,
